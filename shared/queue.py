@@ -1,0 +1,56 @@
+"""The Celery application object and the task names, shared by the API (which only sends)
+and the worker (which consumes). The message carries nothing but the job id: the database
+row is the truth. Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+
+from shared.settings import Settings
+
+RUN_JOB_TASK = "heatmaps.run_job"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("heatmaps", broker=settings.redis_url or "redis://127.0.0.1:6379/0")
+    app.conf.update(
+        task_default_queue=settings.queue_name,
+        task_routes={RUN_JOB_TASK: {"queue": settings.queue_name}},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # One job at a time per process, acknowledged only when finished: a worker that
+        # dies mid-job leaves the message (and the row) to be picked up again.
+        worker_prefetch_multiplier=1,
+        task_acks_late=True,
+        task_reject_on_worker_lost=False,  # the reconciler re-runs lost jobs, counting attempts
+        task_time_limit=settings.job_time_limit_s,
+        task_soft_time_limit=settings.job_soft_time_limit_s,
+        broker_transport_options={
+            "visibility_timeout": settings.broker_visibility_timeout_s,
+            "socket_connect_timeout": 2,
+            "socket_timeout": 5,
+        },
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=2,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    return app
+
+
+@lru_cache(maxsize=8)
+def celery_for(redis_url: str | None, queue_name: str) -> Celery:
+    return make_celery(Settings(redis_url=redis_url, queue_name=queue_name))
+
+
+def send_job(settings: Settings, job_id: str) -> None:
+    """Publish the job id. Raises on broker failure; the caller keeps the row `queued`
+    and the reconciler re-sends it later."""
+    app = celery_for(settings.redis_url, settings.queue_name)
+    app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=settings.queue_name,
+                  retry=False)

@@ -1,0 +1,123 @@
+"""One settings object for the API, the worker, migrations and the tools.
+
+Every value comes from an environment variable of the same name (upper case) or from a
+`.env` file in the working directory. Defaults make a laptop run need nothing installed:
+a SQLite file and a storage folder under ``DATA_DIR``; ``REDIS_URL`` is left unset so that
+the dev stack (``make serve`` / ``make demo``) starts an embedded Redis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_MODELS_DIR = REPO_ROOT / "models"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    # --- where things live -------------------------------------------------------------
+    data_dir: Path = Field(Path("data"), description="Local folder for the embedded defaults.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///DATA_DIR/heatmap.db")
+    redis_url: str | None = Field(None, description="Broker and rate-limit store; unset = embedded (dev only).")
+    storage_url: str | None = Field(None, description="fsspec URL for uploads and artifacts; default DATA_DIR/storage.")
+    models_dir: Path | None = Field(None, description="Extra folder scanned for user models (<name>.keras + <name>.json).")
+    vgg16_weights: Path | None = Field(None, description="Explicit path of VGG16 ImageNet weights (.h5).")
+    default_model: str = "shapes"
+    queue_name: str = "heatmaps"
+
+    # --- limits --------------------------------------------------------------------------
+    max_upload_mb: float = Field(512, gt=0, description="Largest accepted upload (413 above).")
+    max_form_memory_kb: int = Field(64, gt=0, description="Largest non-file form field (413 above).")
+    max_form_parts: int = Field(64, gt=0, description="Most multipart parts in one request (413 above).")
+    max_image_pixels: int = Field(200_000_000, gt=0, description="Refused from the header, before decoding.")
+    memory_budget_mb: int = Field(1024, gt=0, description="Direct mode splits the image to stay under this.")
+    max_batch_size: int = Field(256, gt=0)
+    max_top_k: int = Field(20, gt=0)
+
+    # --- access control ------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated 'name:sha256hex' entries (see `python -m shared.security hash`). Empty = open mode.",
+    )
+    rate_limit_per_minute: int = Field(60, ge=0, description="Submissions per key per minute; 0 = unlimited.")
+    max_active_jobs_per_key: int = Field(50, ge=0, description="Queued+running jobs per key; 0 = unlimited.")
+
+    # --- job lifecycle -------------------------------------------------------------------
+    job_max_attempts: int = Field(3, ge=1, description="Runs of one job before it is failed (worker deaths count).")
+    job_soft_time_limit_s: int = Field(3300, gt=0)
+    job_time_limit_s: int = Field(3600, gt=0)
+    broker_visibility_timeout_s: int = Field(7200, gt=0, description="Must exceed the longest job.")
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    stale_after_s: float = Field(60.0, gt=0, description="A running job whose heartbeat is older is re-queued.")
+    requeue_queued_after_s: float = Field(120.0, gt=0, description="A queued job older than this is re-sent.")
+    reconcile_interval_s: float = Field(10.0, gt=0)
+    retention_hours: float = Field(168.0, gt=0, description="Finished jobs and their files are deleted after this.")
+    transient_retries: int = Field(3, ge=0, description="Retries of a database or storage call before failing.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            name, _, digest = entry.partition(":")
+            if not name or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+                raise ValueError("API_KEYS entries must be 'name:<sha256 hex of the key>'")
+        return value
+
+    # --- derived values ------------------------------------------------------------------
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'heatmap.db').resolve()}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        if self.storage_url:
+            return self.storage_url
+        return str((self.data_dir / "storage").resolve())
+
+    @property
+    def model_dirs(self) -> list[Path]:
+        dirs = [BUNDLED_MODELS_DIR]
+        if self.models_dir is not None:
+            dirs.append(Path(self.models_dir))
+        return dirs
+
+    @property
+    def key_hashes(self) -> dict[str, str]:
+        """sha256 hex digest -> key name."""
+        out = {}
+        for entry in self.api_keys:
+            name, _, digest = entry.partition(":")
+            out[digest.lower()] = name
+        return out
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,123 @@
+"""Uploads and artifacts, behind fsspec so that a local folder, a shared volume or an object
+store (``s3://bucket/prefix``) all work the same way.
+
+Keys are relative POSIX paths built by the service (``uploads/<job_id>/image.png``,
+``results/<job_id>/heatmap.npz``); a client-supplied name never becomes a key. Writes go to
+a temporary name first and are renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*$")
+CHUNK = 1024 * 1024
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed (disk full, permission, network); transient or not."""
+
+
+def check_key(key: str) -> str:
+    if not _KEY_RE.match(key) or ".." in key.split("/"):
+        raise ValueError(f"invalid storage key {key!r}")
+    return key
+
+
+class Storage:
+    def __init__(self, url: str):
+        self.url = url
+        self.fs, root = fsspec.core.url_to_fs(url)
+        self.root = root.rstrip("/")
+        if self.is_local:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, key: str) -> str:
+        return f"{self.root}/{check_key(key)}"
+
+    def local_path(self, key: str) -> Path | None:
+        """A filesystem path for the key when storage is local (lets Pillow seek cheaply)."""
+        return Path(self.path(key)) if self.is_local else None
+
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self.path(key))
+
+    def size(self, key: str) -> int:
+        return int(self.fs.size(self.path(key)))
+
+    def open(self, key: str) -> BinaryIO:
+        return self.fs.open(self.path(key), "rb")
+
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        with self.open(key) as handle:
+            while chunk := handle.read(chunk_size):
+                yield chunk
+
+    def put_stream(self, key: str, stream: BinaryIO) -> tuple[int, str]:
+        """Copy a stream to `key` atomically; returns (bytes written, sha256 hex)."""
+        digest = hashlib.sha256()
+        size = 0
+        final = self.path(key)
+        temp = f"{final}.tmp-{uuid.uuid4().hex}"
+        try:
+            self.fs.makedirs(self.fs._parent(final), exist_ok=True)
+            with self.fs.open(temp, "wb") as out:
+                while chunk := stream.read(CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+                if self.is_local:
+                    out.flush()
+                    os.fsync(out.fileno())
+            self.fs.mv(temp, final)
+        except OSError as exc:
+            self._discard(temp)
+            raise StorageError(f"could not write {key}: {exc}") from exc
+        return size, digest.hexdigest()
+
+    def put_file(self, key: str, local_path: str | Path) -> int:
+        with open(local_path, "rb") as handle:
+            size, _ = self.put_stream(key, handle)
+        return size
+
+    def put_dir(self, prefix: str, local_dir: str | Path) -> dict[str, int]:
+        """Upload every file of a local folder under `prefix/`, each atomically."""
+        written = {}
+        for path in sorted(Path(local_dir).iterdir()):
+            if path.is_file():
+                written[f"{prefix}/{path.name}"] = self.put_file(f"{prefix}/{path.name}", path)
+        return written
+
+    def delete_prefix(self, prefix: str) -> None:
+        target = self.path(prefix)
+        try:
+            if self.fs.exists(target):
+                self.fs.rm(target, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def _discard(self, path: str) -> None:
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path)
+        except OSError:
+            pass
+
+    def fetch_to(self, key: str, local_path: Path) -> Path:
+        """Copy a stored object to a local file (for non-local storage)."""
+        with self.open(key) as src, open(local_path, "wb") as dst:
+            shutil.copyfileobj(src, dst, CHUNK)
+        return local_path

@@ -1,0 +1,169 @@
+"""Direct (fully convolutional) inference, exact and memory-bounded.
+
+One forward pass of the converted network over the whole image gives every window's scores
+at the network's output stride, but its activations grow with the image (VGG16's first block
+at 8192x8192 is 17 GB per tensor). So the trunk runs tile by tile:
+
+* tile origins are multiples of the trunk stride, so every tile's cell grid lines up with
+  the whole image's grid;
+* each tile carries a halo of at least the trunk's receptive-field radius (rounded up to
+  the stride), except at the real image border, and its size keeps the image size's
+  remainder modulo the stride (this keeps TensorFlow's "same" padding of strided layers
+  identical to the whole-image pass);
+* only each tile's interior cells are kept and stitched into row bands of the feature map;
+* the head (a few convolutions over ``feature_window`` cells) runs on each band as soon as
+  enough feature rows exist, and rows no longer needed are dropped.
+
+The stitched result equals the whole-image pass to float rounding, while peak memory
+depends on the tile size, which comes from the memory budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+
+from worker.fcn import FullyConvolutional
+from worker.grid import ProgressFn, ScoreGrid, report
+
+# Measured on the 2-core CPU box (bench/bench_engine.py --tile-sweep): tiles of about 1.5
+# megapixels were fastest for VGG16; larger tiles only cost memory.
+DEFAULT_MAX_TILE_PIXELS = 1600 * 1600
+# Bytes of working memory per byte of the largest activation (input + output of the widest
+# layer plus the convolution library's scratch space).
+ACTIVATION_OVERHEAD = 3.0
+
+
+@dataclass(frozen=True)
+class Span:
+    """One tile along one axis: trunk cells [cell_start, cell_stop) computed from pixels
+    [pixel_start, pixel_stop); the tile's own cell k is the image's cell k + offset."""
+
+    cell_start: int
+    cell_stop: int
+    pixel_start: int
+    pixel_stop: int
+
+    def offset(self, jump: int) -> int:
+        return self.pixel_start // jump
+
+
+def plan_axis(length: int, jump: int, halo: int, cells_total: int, cells_per_tile: int) -> list[Span]:
+    """Cut one axis of `length` pixels into tiles of `cells_per_tile` trunk cells."""
+    if cells_per_tile <= 0:
+        raise ValueError("cells_per_tile must be positive")
+    if cells_per_tile >= cells_total:
+        return [Span(0, cells_total, 0, length)]
+    halo_px = math.ceil(halo / jump) * jump
+    spans = []
+    for cell_start in range(0, cells_total, cells_per_tile):
+        cell_stop = min(cells_total, cell_start + cells_per_tile)
+        pixel_start = max(0, cell_start * jump - halo_px)
+        pixel_stop = cell_stop * jump + halo_px
+        if pixel_stop < length:
+            pixel_stop += (length - pixel_stop) % jump  # same remainder mod stride as the image
+        spans.append(Span(cell_start, cell_stop, pixel_start, min(pixel_stop, length)))
+    return spans
+
+
+def tile_cells_for_budget(fcn: FullyConvolutional, memory_budget_mb: float,
+                          max_tile_pixels: int = DEFAULT_MAX_TILE_PIXELS) -> int:
+    """Cells per tile side so that one tile's trunk activations fit the budget."""
+    budget_pixels = memory_budget_mb * 2**20 / (fcn.bytes_per_pixel * ACTIVATION_OVERHEAD)
+    side = math.sqrt(min(budget_pixels, max_tile_pixels))
+    halo = max(fcn.halo)
+    jump = max(fcn.stride)
+    halo_px = math.ceil(halo / jump) * jump
+    cells = int((side - 2 * halo_px) // jump)
+    return max(1, cells)
+
+
+def direct_inference(
+    fcn: FullyConvolutional,
+    image: np.ndarray,
+    preprocess: Callable[[np.ndarray], np.ndarray],
+    *,
+    memory_budget_mb: float = 1024,
+    tile_cells: int | None = None,
+    class_indices: Sequence[int] | None = None,
+    progress: ProgressFn | None = None,
+) -> ScoreGrid:
+    """Scores of every native window at the network's output stride.
+
+    Args:
+        fcn: the converted classifier (``worker.fcn.to_fully_convolutional``).
+        image: ``(H, W, C)`` uint8 pixels; preprocessing is applied tile by tile so the
+            whole image is never held as float32.
+        preprocess: maps a uint8 crop to the model's float32 input.
+        memory_budget_mb: bound for one tile's activations; decides the tile size.
+        tile_cells: trunk cells per tile side, overriding the budget (tests, benchmarks);
+            a value covering the whole image means one whole-image pass.
+        class_indices: keep only these model outputs (all when None).
+        progress: ``progress(done, total)`` after each trunk tile; may raise to stop.
+
+    Returns:
+        A ScoreGrid with ``rows[i] = i * stride_y`` and ``cols[j] = j * stride_x``.
+    """
+    height, width = image.shape[:2]
+    window = fcn.window
+    if height < window[0] or width < window[1]:
+        raise ValueError(f"image {width}x{height} is smaller than the model window {window[1]}x{window[0]}")
+    jump_y, jump_x = fcn.stride
+    cells_y, cells_x = fcn.trunk_cells(height, width)
+    fh, fw = fcn.feature_window
+    out_rows, out_cols = cells_y - fh + 1, cells_x - fw + 1
+    if tile_cells is None:
+        tile_cells = tile_cells_for_budget(fcn, memory_budget_mb)
+    halo_y, halo_x = fcn.halo
+    spans_y = plan_axis(height, jump_y, halo_y, cells_y, tile_cells)
+    spans_x = plan_axis(width, jump_x, halo_x, cells_x, tile_cells)
+    total = len(spans_y) * len(spans_x)
+    selection = None if class_indices is None else np.asarray(class_indices, dtype=np.int64)
+
+    head_channels = int(fcn.head.output.shape[-1])
+    kept = head_channels if selection is None else len(selection)
+    scores = np.empty((out_rows, out_cols, kept), dtype=np.float32)
+    widest_head = max(int(layer.output.shape[-1]) for layer in fcn.head.layers[1:]) if len(fcn.head.layers) > 1 \
+        else head_channels
+    head_rows = max(1, int(memory_budget_mb * 2**20 / (4.0 * ACTIVATION_OVERHEAD * max(1, out_cols) * widest_head)))
+
+    buffer = None          # feature rows [buffer_start, buffer_start + len(buffer))
+    buffer_start = 0
+    next_out = 0
+    done = 0
+    for span_y in spans_y:
+        band = None
+        for span_x in spans_x:
+            crop = image[span_y.pixel_start:span_y.pixel_stop, span_x.pixel_start:span_x.pixel_stop]
+            features = keras.ops.convert_to_numpy(fcn.trunk(preprocess(crop)[None], training=False))[0]
+            oy, ox = span_y.offset(jump_y), span_x.offset(jump_x)
+            interior = features[span_y.cell_start - oy:span_y.cell_stop - oy,
+                                span_x.cell_start - ox:span_x.cell_stop - ox]
+            if band is None:
+                band = np.empty((span_y.cell_stop - span_y.cell_start, cells_x, features.shape[-1]), np.float32)
+            band[:, span_x.cell_start:span_x.cell_stop] = interior
+            done += 1
+            report(progress, done, total)
+        buffer = band if buffer is None else np.concatenate([buffer, band], axis=0)
+        available = buffer_start + buffer.shape[0]
+        while next_out + fh <= available:
+            stop = min(available - fh + 1, next_out + head_rows)
+            rows_in = buffer[next_out - buffer_start: stop - buffer_start + fh - 1]
+            out = keras.ops.convert_to_numpy(fcn.head(rows_in[None], training=False))[0]
+            scores[next_out:stop] = out if selection is None else out[..., selection]
+            next_out = stop
+        drop = next_out - buffer_start
+        buffer = buffer[drop:]
+        buffer_start = next_out
+    return ScoreGrid(
+        scores=scores,
+        rows=np.arange(out_rows, dtype=np.int64) * jump_y,
+        cols=np.arange(out_cols, dtype=np.int64) * jump_x,
+        window=window,
+        stride=(jump_y, jump_x),
+        class_indices=np.arange(head_channels, dtype=np.int64) if selection is None else selection,
+    )
