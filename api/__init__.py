@@ -1,0 +1,88 @@
+"""Flask application factory for the heatmap job API.
+
+    flask --app api run                      # development
+    gunicorn 'api:create_app()'              # production (no TensorFlow in this process)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+from flask import Flask
+
+from api.errors import HeatmapApi, register_error_handlers
+from shared.catalog import ModelCatalog
+from shared.settings import Settings, get_settings
+from shared.storage import Storage
+
+log = logging.getLogger("heatmaps.api")
+CATALOG_TTL_S = 10.0
+
+
+class ApiContext:
+    """What the views share: settings, storage, the model catalogue, a Redis client."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.storage = Storage(settings.resolved_storage_url)
+        self._catalog: ModelCatalog | None = None
+        self._catalog_time = 0.0
+        self._lock = threading.Lock()
+        self._redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=2) \
+            if settings.redis_url else None
+        self.metrics_registry = None
+
+    def catalog(self) -> ModelCatalog:
+        """Re-scanned every few seconds so that a model dropped into MODELS_DIR appears."""
+        with self._lock:
+            if self._catalog is None or time.monotonic() - self._catalog_time > CATALOG_TTL_S:
+                self._catalog = ModelCatalog(self.settings.model_dirs)
+                self._catalog_time = time.monotonic()
+            return self._catalog
+
+    def redis(self) -> redis.Redis:
+        if self._redis is None:
+            raise redis.ConnectionError("REDIS_URL is not configured")
+        return self._redis
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config.update(
+        HEATMAP_SETTINGS=settings,
+        # Uploads above this are refused with 413 while reading, before anything is stored.
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes + 64 * 1024,
+        MAX_FORM_MEMORY_SIZE=settings.max_form_memory_kb * 1024,
+        MAX_FORM_PARTS=settings.max_form_parts,
+        API_TITLE="Heatmap jobs",
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/api/v1",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        API_SPEC_OPTIONS={
+            "info": {"description": "Asynchronous heatmaps for large images from Keras classifiers."},
+            "components": {"securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}},
+            "security": [{"ApiKey": []}] if settings.api_keys else [],
+        },
+    )
+    context = ApiContext(settings)
+    app.extensions["heatmaps"] = context
+
+    from api import health, jobs, metrics, models
+
+    api = HeatmapApi(app)
+    app.extensions["heatmap_api"] = api
+    api.register_blueprint(jobs.blp)
+    api.register_blueprint(models.blp)
+    app.register_blueprint(health.bp)
+    context.metrics_registry = metrics.make_registry(context)
+    register_error_handlers(app)
+    if not settings.api_keys:
+        log.warning("API_KEYS is empty: the API is in OPEN MODE (no authentication, all jobs shared)")
+    return app

@@ -1,0 +1,107 @@
+"""Every error the API returns has the same shape: ``{"error": {"code", "message"}}``.
+
+Views raise `ApiError`; werkzeug's HTTP errors (404, 405, 413 ...) and webargs' validation
+errors are rewritten into that shape; a database or broker outage is a 503, never a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import marshmallow as ma
+from flask import jsonify
+from flask_smorest import Api
+from redis.exceptions import RedisError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("heatmaps.api")
+
+_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+    406: "not_acceptable", 409: "conflict", 411: "length_required", 413: "payload_too_large",
+    415: "unsupported_media_type", 422: "invalid_parameter", 429: "rate_limited", 500: "internal_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+class ErrorBodySchema(ma.Schema):
+    code = ma.fields.String(required=True, metadata={"description": "stable machine-readable code"})
+    message = ma.fields.String(required=True, metadata={"description": "what went wrong, for people"})
+
+
+class ErrorSchema(ma.Schema):
+    error = ma.fields.Nested(ErrorBodySchema, required=True)
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None):
+    response = jsonify({"error": {"code": code, "message": message}})
+    response.status_code = status
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+class HeatmapApi(Api):
+    """flask-smorest's Api with our error envelope (documented as the default response)."""
+
+    ERROR_SCHEMA = ErrorSchema
+
+    def handle_http_exception(self, error: HTTPException):
+        status = error.code or 500
+        data = getattr(error, "data", None) or {}
+        message = data.get("message") or error.description or error.name
+        messages = data.get("messages") or data.get("errors")
+        if messages:  # webargs validation errors: name the fields
+            status = 400
+            message = "; ".join(_flatten(messages)) or message
+        code = "invalid_parameter" if messages else _CODES.get(status, "error")
+        return error_response(status, code, str(message), data.get("headers"))
+
+
+def _flatten(messages, prefix="") -> list[str]:
+    out = []
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            if key in ("json", "form", "query", "files", "headers", "view_args"):
+                out.extend(_flatten(value, prefix))
+            else:
+                out.extend(_flatten(value, f"{prefix}{key}: "))
+    elif isinstance(messages, (list, tuple)):
+        for value in messages:
+            out.extend(_flatten(value, prefix))
+    else:
+        out.append(f"{prefix}{messages}")
+    return out
+
+
+def register_error_handlers(app) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(error: ApiError):
+        return error_response(error.status, error.code, error.message, error.headers)
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(DBAPIError)
+    def _database_down(error):
+        log.warning("database unavailable: %s", str(error).splitlines()[0])
+        return error_response(503, "database_unavailable", "the database is unavailable; try again shortly",
+                              {"Retry-After": "5"})
+
+    @app.errorhandler(RedisError)
+    def _redis_down(error):
+        log.warning("redis unavailable: %s", error)
+        return error_response(503, "broker_unavailable", "the broker is unavailable; try again shortly",
+                              {"Retry-After": "5"})
+
+    @app.errorhandler(Exception)
+    def _unexpected(error):
+        if isinstance(error, HTTPException):
+            return app.extensions["heatmap_api"].handle_http_exception(error)
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal error")

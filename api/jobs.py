@@ -1,0 +1,255 @@
+"""/api/v1/jobs: submit an image, poll a job, list jobs, download artifacts, cancel/delete."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from flask import Response, current_app, g, request, send_file, stream_with_context, url_for
+from flask.views import MethodView
+from flask_smorest import Blueprint
+from sqlalchemy.exc import IntegrityError
+
+from api.auth import authenticate
+from api.errors import ApiError
+from api.schemas import SUBMIT_REQUEST_BODY, JobListQuerySchema, JobListSchema, JobSchema
+from shared import jobs, ratelimit
+from shared.catalog import CatalogError
+from shared.database import session_scope
+from shared.imageio import ImageError, probe_image
+from shared.jobspec import ParameterError, validate_params
+from shared.models import Job, new_job_id
+from shared.queue import send_job
+from shared.reconcile import delete_job_files
+from shared.storage import StorageError
+
+log = logging.getLogger("heatmaps.api")
+blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Heatmap jobs")
+blp.before_request(authenticate)
+
+JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+FORM_FIELDS = {"model", "mode", "stride", "batch_size", "top_k", "classes", "weighting"}
+IMAGE_STATUS = {"empty_file": 400, "corrupt_image": 400, "unsupported_format": 415, "multi_frame": 415,
+                "too_many_pixels": 413, "image_too_small": 422}
+
+
+def _ctx():
+    return current_app.extensions["heatmaps"]
+
+
+def _db():
+    return session_scope(_ctx().settings.resolved_database_url)
+
+
+def job_url(job_id: str) -> str:
+    return url_for("jobs.Job", job_id=job_id)
+
+
+def represent(job: Job) -> dict:
+    """The job as clients see it; artifact links only through the job routes."""
+    result = None
+    if job.status == "succeeded" and job.result:
+        summary = job.result["summary"]
+        result = {
+            "classes": [
+                {key: c[key] for key in ("name", "index", "max", "mean", "peak")}
+                | {"overlay_url": url_for("jobs.overlay", job_id=job.id, class_name=c["name"])}
+                for c in summary["classes"]
+            ],
+            "grid": summary["grid"],
+            "overlay_size": summary["overlay_size"],
+            "timings": summary["timings"],
+            "heatmap_url": url_for("jobs.heatmap", job_id=job.id),
+            "summary_url": url_for("jobs.summary", job_id=job.id),
+        }
+    return {
+        "id": job.id, "status": job.status, "progress": job.progress, "created_at": job.created_at,
+        "started_at": job.started_at, "finished_at": job.finished_at, "model": job.model, "mode": job.mode,
+        "params": job.params, "attempts": job.attempts, "worker": job.worker,
+        "image": {"width": job.image_width, "height": job.image_height, "sha256": job.image_sha256,
+                  "format": job.image_format, "bytes": job.image_bytes},
+        "error": {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
+        "result": result, "url": job_url(job.id),
+    }
+
+
+def _load_job(session, job_id: str) -> Job:
+    job = jobs.get_job(session, job_id, owner=g.owner) if JOB_ID_RE.match(job_id) else None
+    if job is None:
+        raise ApiError(404, "not_found", "no such job")
+    return job
+
+
+def _single_image():
+    if not (request.mimetype or "").startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type", "send the image as multipart/form-data with an 'image' field")
+    files = request.files  # parses the body; werkzeug enforces the size, field and part limits (413)
+    unexpected = [name for name in files if name != "image"]
+    if unexpected:
+        raise ApiError(400, "unexpected_field", f"unexpected file field {unexpected[0][:50]!r}")
+    images = files.getlist("image")
+    if not images:
+        raise ApiError(400, "missing_image", "the 'image' file field is required")
+    if len(images) > 1:
+        raise ApiError(400, "multiple_images", "send exactly one 'image' per job")
+    unknown = [name for name in request.form if name not in FORM_FIELDS]
+    if unknown:
+        raise ApiError(400, "unexpected_field", f"unknown form field {unknown[0][:50]!r}")
+    for name in request.form:
+        if len(request.form.getlist(name)) > 1:
+            raise ApiError(400, "invalid_parameter", f"form field {name!r} given more than once")
+    return images[0]
+
+
+@blp.route("")
+class Jobs(MethodView):
+    @blp.arguments(JobListQuerySchema, location="query")
+    @blp.response(200, JobListSchema)
+    def get(self, query):
+        """List your jobs, newest first, optionally by status; follow `next_cursor` for more."""
+        with _db() as session:
+            try:
+                page = jobs.list_jobs(session, g.owner, query.get("status"), query["limit"], query.get("cursor"))
+            except jobs.BadCursor:
+                raise ApiError(400, "invalid_parameter", "cursor is not valid") from None
+            return {"jobs": [represent(job) for job in page.jobs], "next_cursor": page.next_cursor}
+
+    @blp.doc(requestBody=SUBMIT_REQUEST_BODY, parameters=[{
+        "in": "header", "name": "Idempotency-Key", "required": False, "schema": {"type": "string", "maxLength": 200},
+        "description": "the same key returns the same job (200) instead of creating a new one"}])
+    @blp.response(202, JobSchema, description="accepted; poll the Location")
+    @blp.alt_response(200, schema=JobSchema, description="an earlier job with the same Idempotency-Key")
+    def post(self):
+        """Submit an image for heatmaps (multipart/form-data)."""
+        ctx = _ctx()
+        settings = ctx.settings
+        upload = _single_image()
+        idempotency_key = request.headers.get("Idempotency-Key")
+        if idempotency_key is not None and not (0 < len(idempotency_key) <= 200):
+            raise ApiError(400, "invalid_parameter", "Idempotency-Key must be 1 to 200 characters")
+        if idempotency_key:
+            with _db() as session:
+                existing = jobs.find_by_idempotency_key(session, g.owner, idempotency_key)
+                if existing is not None:
+                    return represent(existing), 200, {"Location": job_url(existing.id)}
+
+        model_name = request.form.get("model") or settings.default_model
+        try:
+            info = ctx.catalog().get(model_name)
+            params = validate_params(request.form, info, max_batch_size=settings.max_batch_size,
+                                     max_top_k=settings.max_top_k, memory_budget_mb=settings.memory_budget_mb)
+        except (CatalogError, ParameterError) as exc:
+            raise ApiError(400, exc.code, exc.message) from None
+        try:
+            image = probe_image(upload.stream, max_pixels=settings.max_image_pixels, min_size=info.input_size)
+        except ImageError as exc:
+            raise ApiError(IMAGE_STATUS.get(exc.code, 400), exc.code, exc.message) from None
+
+        retry_after = ratelimit.hit(ctx.redis(), g.owner, settings.rate_limit_per_minute) \
+            if settings.rate_limit_per_minute else None
+        if retry_after is not None:
+            raise ApiError(429, "rate_limited", f"more than {settings.rate_limit_per_minute} submissions a minute",
+                           {"Retry-After": str(retry_after)})
+        if settings.max_active_jobs_per_key:
+            with _db() as session:
+                if jobs.count_active(session, g.owner) >= settings.max_active_jobs_per_key:
+                    raise ApiError(429, "too_many_active_jobs",
+                                   f"at most {settings.max_active_jobs_per_key} queued or running jobs per key",
+                                   {"Retry-After": "10"})
+
+        job_id = new_job_id()
+        image_key = f"uploads/{job_id}/image{image.extension}"
+        upload.stream.seek(0)
+        try:
+            size, digest = ctx.storage.put_stream(image_key, upload.stream)
+        except StorageError as exc:
+            log.error("upload store failed: %s", exc)
+            raise ApiError(503, "storage_unavailable", "could not store the upload; try again shortly",
+                           {"Retry-After": "5"}) from None
+        job = Job(id=job_id, owner=g.owner, idempotency_key=idempotency_key or None, model=info.name,
+                  mode=params.mode, params=params.to_json(), image_key=image_key, image_format=image.format,
+                  image_width=image.width, image_height=image.height, image_sha256=digest, image_bytes=size)
+        try:
+            with _db() as session:
+                session.add(job)
+        except IntegrityError:  # a concurrent request with the same Idempotency-Key won
+            ctx.storage.delete_prefix(f"uploads/{job_id}")
+            with _db() as session:
+                existing = jobs.find_by_idempotency_key(session, g.owner, idempotency_key)
+                return represent(existing), 200, {"Location": job_url(existing.id)}
+        except Exception:
+            ctx.storage.delete_prefix(f"uploads/{job_id}")
+            raise
+        try:
+            send_job(settings, job_id)
+            with _db() as session:
+                jobs.mark_enqueued(session, job_id)
+                job = jobs.get_job(session, job_id)
+        except Exception as exc:  # broker down: the row stays queued; the reconciler sends it later
+            log.warning("job %s accepted but not sent yet: %s", job_id, exc)
+        return represent(job), 202, {"Location": job_url(job_id)}
+
+
+@blp.route("/<string:job_id>", endpoint="Job")
+class JobResource(MethodView):
+    @blp.response(200, JobSchema)
+    def get(self, job_id):
+        """Status, progress, and when succeeded the result with artifact links."""
+        with _db() as session:
+            return represent(_load_job(session, job_id))
+
+    @blp.response(202, JobSchema, description="cancel requested: the job is canceled")
+    @blp.alt_response(204, description="a finished job: deleted with its files")
+    def delete(self, job_id):
+        """Cancel a queued or running job; delete a finished job and its artifacts."""
+        with _db() as session:
+            job = _load_job(session, job_id)
+            if jobs.cancel(session, job.id):
+                session.commit()
+                session.refresh(job)
+                return represent(job), 202
+        with _db() as session:
+            job = _load_job(session, job_id)
+            delete_job_files(_ctx().storage, job.id)
+            jobs.delete_finished(session, job.id)
+        return "", 204
+
+
+def _artifact(job_id: str, pick):
+    with _db() as session:
+        job = _load_job(session, job_id)
+        if job.status != "succeeded" or not job.result:
+            raise ApiError(409, "job_not_finished", f"the job is {job.status}; artifacts exist once it succeeded")
+        key = pick(job.result["artifacts"])
+    if key is None:
+        raise ApiError(404, "not_found", "no such artifact")
+    storage = _ctx().storage
+    local = storage.local_path(key)
+    mimetype = {"npz": "application/octet-stream", "json": "application/json", "png": "image/png"}[key.rsplit(".", 1)[1]]
+    if local is not None:
+        if not local.is_file():
+            raise ApiError(404, "not_found", "the artifact is gone (retention)")
+        return send_file(local, mimetype=mimetype, download_name=key.rsplit("/", 1)[1], max_age=0)
+    return Response(stream_with_context(storage.iter_chunks(key)), mimetype=mimetype)
+
+
+@blp.route("/<string:job_id>/heatmap", endpoint="heatmap")
+@blp.response(200, description="heatmap.npz: scores (rows, cols, classes), classes, rows, cols, window, stride",
+              content_type="application/octet-stream")
+def heatmap(job_id):
+    """Download the score grid as a NumPy .npz."""
+    return _artifact(job_id, lambda a: a["heatmap"])
+
+
+@blp.route("/<string:job_id>/summary", endpoint="summary")
+@blp.response(200, description="summary.json", content_type="application/json")
+def summary(job_id):
+    """Download the run summary (per class max, mean, peak; timings; parameters)."""
+    return _artifact(job_id, lambda a: a["summary"])
+
+
+@blp.route("/<string:job_id>/overlays/<string:class_name>", endpoint="overlay")
+@blp.response(200, description="PNG overlay", content_type="image/png")
+def overlay(job_id, class_name):
+    """Download one class's overlay PNG (by class name, as listed in the result)."""
+    return _artifact(job_id, lambda a: a["overlays"].get(class_name))

@@ -1,0 +1,164 @@
+"""The model catalogue: what models exist, their classes, input size and preprocessing.
+
+Read from sidecar JSON files only, so that the API can validate a submission (model name,
+class names) and list models without TensorFlow. A model is ``<name>.json`` plus, for a
+user model, ``<name>.keras`` (or ``.h5``) beside it. The sidecar holds::
+
+    {"classes": ["cat", "dog"], "preprocess": "none|tf|caffe|torch",
+     "input_size": [h, w]   # optional for .keras files: read from the file's config
+     "description": "..."}  # optional
+
+Built-in entries (``models/`` in the repository) may instead name a ``kind`` that the
+worker knows how to build (``keras_applications_vgg16``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+PREPROCESS_MODES = ("none", "tf", "caffe", "torch")
+BUILTIN_KINDS = ("keras_applications_vgg16",)
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+class CatalogError(ValueError):
+    """Unknown model or class, or an invalid sidecar. `code` is machine readable."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    kind: str                      # "keras_file" or one of BUILTIN_KINDS
+    path: Path | None              # the model file (keras_file)
+    sidecar: Path
+    classes: tuple[str, ...]
+    preprocess: str
+    input_size: tuple[int, int]
+    output_stride: int | None
+    description: str
+    extra: dict
+
+    def public(self) -> dict:
+        return {
+            "name": self.name,
+            "classes": list(self.classes),
+            "num_classes": len(self.classes),
+            "input_size": {"height": self.input_size[0], "width": self.input_size[1]},
+            "output_stride": self.output_stride,
+            "preprocess": self.preprocess,
+            "description": self.description,
+        }
+
+    def class_indices(self, wanted: Sequence[str | int]) -> list[int]:
+        """Model output indices for class names or indices; raises CatalogError("unknown_class")."""
+        index = {name: i for i, name in enumerate(self.classes)}
+        out = []
+        for item in wanted:
+            if isinstance(item, int) or (isinstance(item, str) and item.strip().isdigit()):
+                value = int(item)
+                if not 0 <= value < len(self.classes):
+                    raise CatalogError("unknown_class", f"class index {value} is out of range 0..{len(self.classes) - 1}")
+            else:
+                name = str(item).strip()
+                if name not in index:
+                    raise CatalogError("unknown_class", f"model {self.name!r} has no class {name!r}")
+                value = index[name]
+            if value not in out:
+                out.append(value)
+        if not out:
+            raise CatalogError("unknown_class", "no classes given")
+        return out
+
+
+def _input_size_from_keras_file(path: Path) -> tuple[int, int] | None:
+    """The first input layer's (h, w) from a .keras archive's config.json, without Keras."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, zipfile.BadZipFile, ValueError):
+        return None
+    stack = [config]
+    while stack:
+        node = stack.pop(0)
+        if isinstance(node, dict):
+            shape = node.get("batch_shape") or node.get("batch_input_shape")
+            if isinstance(shape, list) and len(shape) == 4 and all(isinstance(v, int) for v in shape[1:3]):
+                return (shape[1], shape[2])
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
+
+
+def load_sidecar(sidecar: Path) -> ModelInfo:
+    name = sidecar.stem
+    if not MODEL_NAME_RE.match(name):
+        raise CatalogError("invalid_model", f"model name {name!r} is not allowed")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as exc:
+        raise CatalogError("invalid_model", f"{sidecar}: unreadable sidecar ({exc})") from exc
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise CatalogError("invalid_model", f"{sidecar}: 'classes' must be a non-empty list of names")
+    if len(set(classes)) != len(classes):
+        raise CatalogError("invalid_model", f"{sidecar}: class names must be unique")
+    preprocess = meta.get("preprocess")
+    if preprocess not in PREPROCESS_MODES:
+        raise CatalogError("invalid_model", f"{sidecar}: 'preprocess' must be one of {', '.join(PREPROCESS_MODES)}")
+    kind = meta.get("kind", "keras_file")
+    path = None
+    if kind == "keras_file":
+        path = next((p for p in (sidecar.with_suffix(".keras"), sidecar.with_suffix(".h5")) if p.exists()), None)
+        if path is None:
+            raise CatalogError("invalid_model", f"{sidecar}: no {name}.keras or {name}.h5 beside it")
+    elif kind not in BUILTIN_KINDS:
+        raise CatalogError("invalid_model", f"{sidecar}: unknown kind {kind!r}")
+    size = meta.get("input_size")
+    if size is None and path is not None and path.suffix == ".keras":
+        size = _input_size_from_keras_file(path)
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise CatalogError("invalid_model", f"{sidecar}: 'input_size' [h, w] is required for this model")
+    return ModelInfo(
+        name=name, kind=kind, path=path, sidecar=sidecar, classes=tuple(classes), preprocess=preprocess,
+        input_size=(int(size[0]), int(size[1])), output_stride=meta.get("output_stride"),
+        description=str(meta.get("description", "")), extra=meta,
+    )
+
+
+class ModelCatalog:
+    """Models found in the given folders; the first folder wins on a name clash."""
+
+    def __init__(self, folders: Iterable[Path]):
+        self.models: dict[str, ModelInfo] = {}
+        self.problems: dict[str, str] = {}
+        for folder in folders:
+            folder = Path(folder)
+            if not folder.is_dir():
+                continue
+            for sidecar in sorted(folder.glob("*.json")):
+                if sidecar.stem in self.models:
+                    continue
+                try:
+                    self.models[sidecar.stem] = load_sidecar(sidecar)
+                except CatalogError as exc:
+                    self.problems[str(sidecar)] = exc.message
+
+    def names(self) -> list[str]:
+        return sorted(self.models)
+
+    def get(self, name: str) -> ModelInfo:
+        info = self.models.get(name)
+        if info is None:
+            raise CatalogError("unknown_model", f"unknown model {name!r}; available: {', '.join(self.names())}")
+        return info

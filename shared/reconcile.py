@@ -1,0 +1,96 @@
+"""The reconciler: makes sure no job is lost between the database and the broker.
+
+Each pass (every RECONCILE_INTERVAL_S, in a thread of every worker's main process, or as
+``python -m shared.reconcile`` from cron) does three things, all safe to run concurrently:
+
+1. running jobs whose heartbeat is stale (their worker died) are re-queued, or failed once
+   they used JOB_MAX_ATTEMPTS;
+2. queued jobs never sent (the broker was down at submission) or sent long ago (the broker
+   lost the message) are sent again;
+3. finished jobs past RETENTION_HOURS are deleted with their files.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from shared import jobs
+from shared.database import session_scope
+from shared.queue import send_job
+from shared.settings import Settings, get_settings
+from shared.storage import Storage
+
+log = logging.getLogger("heatmaps.reconcile")
+
+
+@dataclass
+class PassReport:
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    sent: list[str] = field(default_factory=list)
+    send_errors: int = 0
+    deleted: list[str] = field(default_factory=list)
+
+
+def delete_job_files(storage: Storage, job_id: str) -> None:
+    storage.delete_prefix(f"results/{job_id}")
+    storage.delete_prefix(f"uploads/{job_id}")
+
+
+def reconcile_once(settings: Settings, storage: Storage | None = None) -> PassReport:
+    report = PassReport()
+    url = settings.resolved_database_url
+    with session_scope(url) as session:
+        report.requeued, report.failed = jobs.rescue_stale(session, settings.stale_after_s, settings.job_max_attempts)
+    with session_scope(url) as session:
+        to_send = jobs.queued_to_send(session, settings.requeue_queued_after_s)
+    for job_id in to_send:
+        try:
+            send_job(settings, job_id)
+        except Exception as exc:  # broker still down: try again next pass
+            report.send_errors += 1
+            log.warning("could not send job %s: %s", job_id, exc)
+            break
+        with session_scope(url) as session:
+            jobs.mark_enqueued(session, job_id)
+        report.sent.append(job_id)
+    storage = storage or Storage(settings.resolved_storage_url)
+    with session_scope(url) as session:
+        for job in jobs.expired(session, settings.retention_hours):
+            delete_job_files(storage, job.id)
+            if jobs.delete_finished(session, job.id):
+                report.deleted.append(job.id)
+    if report.requeued or report.failed or report.sent or report.deleted:
+        log.info("reconcile: requeued=%d failed=%d sent=%d deleted=%d", len(report.requeued), len(report.failed),
+                 len(report.sent), len(report.deleted))
+    return report
+
+
+def run_forever(settings: Settings, stop: threading.Event) -> None:
+    storage = Storage(settings.resolved_storage_url)
+    while not stop.wait(settings.reconcile_interval_s):
+        try:
+            reconcile_once(settings, storage)
+        except Exception:  # the database may be down; the next pass tries again
+            log.exception("reconcile pass failed")
+
+
+def start_thread(settings: Settings) -> threading.Event:
+    stop = threading.Event()
+    threading.Thread(target=run_forever, args=(settings, stop), name="reconciler", daemon=True).start()
+    return stop
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO)
+    settings = get_settings()
+    while True:
+        reconcile_once(settings)
+        time.sleep(settings.reconcile_interval_s)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""Loading classifiers and keeping them warm: one registry per worker process.
+
+Models are found through the catalogue (``shared.catalog``); this module turns a catalogue
+entry into a Keras classifier, its fully convolutional form (converted once, lazily) and
+its preprocessing function. VGG16's ImageNet weights are never downloaded at run time: they
+are resolved from ``VGG16_WEIGHTS`` or Keras' cache, and a clear error says how to provide
+them when absent.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import keras
+import numpy as np
+
+from shared.catalog import CatalogError, ModelCatalog, ModelInfo, load_sidecar
+from worker.fcn import FullyConvolutional, to_fully_convolutional
+from worker.preprocess import get_preprocess
+
+VGG16_WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
+VGG16_WEIGHTS_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+                     "vgg16_weights_tf_dim_ordering_tf_kernels.h5")
+
+
+class ModelUnavailableError(RuntimeError):
+    """A known model cannot be loaded on this machine (e.g. weights missing)."""
+
+    code = "model_unavailable"
+
+
+def keras_cache_dir() -> Path:
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def resolve_vgg16_weights(explicit: Path | None) -> Path:
+    """The VGG16 ImageNet weights file: the configured path, else Keras' cache."""
+    candidates = [Path(explicit)] if explicit else []
+    candidates.append(keras_cache_dir() / VGG16_WEIGHTS_FILE)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ModelUnavailableError(
+        "VGG16 ImageNet weights are not available on this machine (it cannot download them). "
+        f"Fetch {VGG16_WEIGHTS_URL} (528 MB) elsewhere and either put it at "
+        f"{keras_cache_dir() / VGG16_WEIGHTS_FILE} or set VGG16_WEIGHTS=/path/to/{VGG16_WEIGHTS_FILE}. "
+        f"Looked in: {', '.join(str(c) for c in candidates)}"
+    )
+
+
+@dataclass
+class LoadedModel:
+    info: ModelInfo
+    classifier: keras.Model
+    preprocess: Callable[[np.ndarray], np.ndarray]
+    _fcn: FullyConvolutional | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def window(self) -> tuple[int, int]:
+        return self.info.input_size
+
+    @property
+    def fcn(self) -> FullyConvolutional:
+        with self._lock:
+            if self._fcn is None:
+                self._fcn = to_fully_convolutional(self.classifier, input_size=self.info.input_size)
+            return self._fcn
+
+
+def build_classifier(info: ModelInfo, vgg16_weights: Path | None = None) -> keras.Model:
+    if info.kind == "keras_applications_vgg16":
+        weights = resolve_vgg16_weights(vgg16_weights)
+        return keras.applications.VGG16(weights=str(weights), input_shape=(*info.input_size, 3))
+    try:
+        model = keras.models.load_model(info.path, compile=False)
+    except Exception as exc:  # a broken user file must not take the worker down
+        raise ModelUnavailableError(f"cannot load model file {info.path}: {exc}") from exc
+    outputs = int(model.output_shape[-1])
+    if outputs != len(info.classes):
+        raise ModelUnavailableError(
+            f"model {info.name!r} has {outputs} outputs but its sidecar lists {len(info.classes)} classes"
+        )
+    return model
+
+
+class ModelRegistry:
+    """Loads each model once per process and keeps it."""
+
+    def __init__(self, folders, vgg16_weights: Path | None = None):
+        self.catalog = ModelCatalog(folders)
+        self.vgg16_weights = vgg16_weights
+        self._loaded: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def info(self, name_or_path: str) -> ModelInfo:
+        """A catalogue name, or (for the CLI) a path to a .keras/.h5 file with its sidecar."""
+        if name_or_path in self.catalog.models:
+            return self.catalog.get(name_or_path)
+        path = Path(name_or_path)
+        if path.suffix in (".keras", ".h5") and path.exists():
+            sidecar = path.with_suffix(".json")
+            if not sidecar.exists():
+                raise CatalogError("invalid_model", f"{path}: needs a sidecar {sidecar.name} with classes and preprocess")
+            return load_sidecar(sidecar)
+        return self.catalog.get(name_or_path)  # raises unknown_model
+
+    def load(self, name_or_path: str) -> LoadedModel:
+        info = self.info(name_or_path)
+        key = str(info.path or info.name)
+        with self._lock:
+            loaded = self._loaded.get(key)
+            if loaded is None:
+                classifier = build_classifier(info, self.vgg16_weights)
+                loaded = LoadedModel(info=info, classifier=classifier, preprocess=get_preprocess(info.preprocess))
+                self._loaded[key] = loaded
+            return loaded

@@ -1,0 +1,96 @@
+"""The Celery task: a thin wrapper that hands a job id to `worker.jobrunner.execute`.
+
+Start one worker per GPU (each with its own CUDA_VISIBLE_DEVICES)::
+
+    celery -A worker.tasks worker --pool=prefork --concurrency=1 -Q heatmaps
+
+TensorFlow does not survive a fork, so the main process never imports it: the pool child
+loads Keras and warms the models in `worker_process_init`, after the fork. The main process
+runs the reconciler thread (it stays up when a child dies).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+
+from shared.database import dispose_engines
+from shared.queue import RUN_JOB_TASK, make_celery
+from shared.settings import get_settings
+
+log = logging.getLogger("heatmaps.worker")
+settings = get_settings()
+app = make_celery(settings)
+_context = None
+_reconciler_stop = None
+
+
+def configure_accelerator() -> None:
+    """Let TensorFlow grow GPU memory as needed instead of grabbing all of it."""
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        return
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised
+            pass
+
+
+def get_context():
+    """The per-process worker context: storage, models (loaded once, kept warm)."""
+    global _context
+    if _context is None:
+        configure_accelerator()
+        from shared.storage import Storage
+        from worker.jobrunner import WorkerContext
+        from worker.models import ModelRegistry
+
+        registry = ModelRegistry(settings.model_dirs, settings.vgg16_weights)
+        _context = WorkerContext(settings=settings, storage=Storage(settings.resolved_storage_url), registry=registry,
+                                 name=os.environ.get("WORKER_NAME") or _hostname())
+        for name in filter(None, os.environ.get("WORKER_PRELOAD_MODELS", settings.default_model).split(",")):
+            try:
+                loaded = registry.load(name.strip())
+                loaded.fcn  # convert once now, not on the first job
+            except Exception as exc:  # a model that cannot load fails its jobs, not the worker
+                log.warning("could not preload model %s: %s", name, exc)
+    return _context
+
+
+def _hostname() -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@worker_process_init.connect
+def _init_child(**_kwargs) -> None:
+    dispose_engines()  # connections inherited through fork must not be shared
+    get_context()
+
+
+@worker_ready.connect
+def _start_reconciler(**_kwargs) -> None:
+    global _reconciler_stop
+    if os.environ.get("WORKER_RECONCILER", "1") == "1":
+        from shared.reconcile import start_thread
+
+        _reconciler_stop = start_thread(settings)
+
+
+@worker_shutting_down.connect
+def _stop_reconciler(**_kwargs) -> None:
+    if _reconciler_stop is not None:
+        _reconciler_stop.set()
+
+
+@app.task(name=RUN_JOB_TASK, ignore_result=True)
+def run_job(job_id: str) -> str:
+    from worker.jobrunner import execute
+
+    return execute(str(job_id), get_context())
