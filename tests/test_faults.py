@@ -1,0 +1,175 @@
+"""Faults: killed workers, a stopped broker, a locked database, a full disk, shutdown.
+
+Every submitted job must end in a terminal state within a bound, with one result, and the
+database and storage must agree. Each test builds its own stack (own Redis and database).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from conftest import scene_png
+
+pytestmark = pytest.mark.slow
+LONG_JOB = {"mode": "tiled", "stride": 4, "batch_size": 32}
+
+
+def long_image() -> bytes:
+    return scene_png(720, 560, seed=99, n_objects=3)[0]
+
+
+def wait_running(stack, client, job_id, attempts=1, timeout=120):
+    return stack.wait_for(client, job_id, statuses=("running",),
+                          predicate=lambda b: b["attempts"] == attempts and b["progress"] > 0.02, timeout=timeout)
+
+
+def assert_consistent(stack, job_id):
+    """The row and the files agree: a succeeded job has every artifact it names, complete."""
+    row = stack.job_row(job_id)
+    root = stack.tmp_path / "storage"
+    if row.status == "succeeded":
+        artifacts = row.result["artifacts"]
+        keys = [artifacts["heatmap"], artifacts["summary"], *artifacts["overlays"].values()]
+        for key in keys:
+            assert (root / key).is_file() and (root / key).stat().st_size > 0, key
+        import numpy as np
+
+        with np.load(root / artifacts["heatmap"]) as data:
+            assert data["scores"].ndim == 3
+    leftovers = [p for p in root.rglob("*") if ".tmp-" in p.name]
+    assert leftovers == []
+
+
+def test_pool_process_killed_mid_job_is_rerun(fresh_stack):
+    stack = fresh_stack()
+    worker = stack.start_worker()
+    client = stack.client()
+    job_id = stack.submit(client, long_image(), **LONG_JOB).json["id"]
+    wait_running(stack, client, job_id)
+    (child,) = stack.pool_children(worker)
+    os.kill(child, signal.SIGKILL)
+    done = stack.wait_for(client, job_id, timeout=180)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2
+    assert_consistent(stack, job_id)
+
+
+def test_whole_worker_killed_and_replaced(fresh_stack):
+    stack = fresh_stack()
+    first = stack.start_worker("first")
+    client = stack.client()
+    job_id = stack.submit(client, long_image(), **LONG_JOB).json["id"]
+    wait_running(stack, client, job_id)
+    stack.stop_worker(first, signal.SIGKILL)
+    stack.start_worker("second")
+    done = stack.wait_for(client, job_id, timeout=180)
+    assert done["status"] == "succeeded" and done["attempts"] == 2, done
+    assert done["worker"] == "second"
+    assert_consistent(stack, job_id)
+
+
+def test_job_that_kills_its_worker_every_time_is_failed_after_max_attempts(fresh_stack):
+    stack = fresh_stack(job_max_attempts=2)
+    worker = stack.start_worker()
+    client = stack.client()
+    job_id = stack.submit(client, long_image(), **LONG_JOB).json["id"]
+    for attempt in (1, 2):
+        wait_running(stack, client, job_id, attempts=attempt, timeout=180)
+        for child in stack.pool_children(worker):
+            os.kill(child, signal.SIGKILL)
+    done = stack.wait_for(client, job_id, timeout=120)
+    assert done["status"] == "failed" and done["attempts"] == 2, done
+    assert done["error"]["code"] == "worker_lost"
+    # The worker survives and serves the next job.
+    follow_up = stack.submit(client, scene_png(160, 160, seed=1)[0]).json["id"]
+    assert stack.wait_for(client, follow_up, timeout=120)["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("appendonly", [True, False], ids=["aof", "no-persistence"])
+def test_redis_restart_loses_no_job(fresh_stack, appendonly):
+    stack = fresh_stack(appendonly=appendonly)
+    stack.start_worker()
+    client = stack.client()
+    running = stack.submit(client, long_image(), **LONG_JOB).json["id"]
+    queued = [stack.submit(client, scene_png(160, 160, seed=s)[0]).json["id"] for s in range(3)]
+    wait_running(stack, client, running)
+    stack.redis.stop()
+    assert client.get("/readyz").status_code == 503
+    # Submissions while Redis is down are accepted (the row is the truth) and sent later.
+    during = stack.submit(client, scene_png(160, 160, seed=9)[0])
+    assert during.status_code == 202, during.json
+    time.sleep(2)
+    stack.redis.start()
+    assert client.get("/readyz").status_code == 200
+    for job_id in [running, *queued, during.json["id"]]:
+        done = stack.wait_for(client, job_id, timeout=240)
+        assert done["status"] == "succeeded", done
+        assert_consistent(stack, job_id)
+
+
+def test_database_locked_during_updates_recovers(fresh_stack):
+    stack = fresh_stack()
+    stack.start_worker()
+    client = stack.client()
+    job_id = stack.submit(client, long_image(), **LONG_JOB).json["id"]
+    wait_running(stack, client, job_id)
+    path = stack.settings.resolved_database_url.removeprefix("sqlite:///")
+    lock = sqlite3.connect(path, timeout=30)
+    lock.execute("BEGIN EXCLUSIVE")  # heartbeats and commits block while this is held
+    time.sleep(3)
+    lock.rollback()
+    lock.close()
+    done = stack.wait_for(client, job_id, timeout=180)
+    assert done["status"] == "succeeded", done
+    assert_consistent(stack, job_id)
+
+
+def test_disk_full_while_writing_fails_the_job(fresh_stack):
+    stack = fresh_stack()
+
+    def small_files():  # writes past 512 KB fail with EFBIG, like a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024))
+
+    stack.start_worker(preexec_fn=small_files)
+    client = stack.client()
+    job_id = stack.submit(client, scene_png(1400, 1000, seed=4, n_objects=4)[0], top_k=3).json["id"]
+    done = stack.wait_for(client, job_id, timeout=120)
+    assert done["status"] == "failed", done
+    assert done["error"]["code"] == "storage_error"
+    assert client.get(f"/api/v1/jobs/{job_id}/heatmap").status_code == 409
+    assert_consistent(stack, job_id)
+
+
+def test_sigterm_finishes_the_running_job(fresh_stack):
+    stack = fresh_stack()
+    worker = stack.start_worker()
+    client = stack.client()
+    job_id = stack.submit(client, long_image(), **LONG_JOB).json["id"]
+    wait_running(stack, client, job_id)
+    stopper = threading.Thread(target=stack.stop_worker, args=(worker, signal.SIGTERM, 240))
+    stopper.start()
+    done = stack.wait_for(client, job_id, timeout=240)
+    stopper.join()
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
+    assert worker.poll() is not None  # and the worker did stop
+    assert_consistent(stack, job_id)
+
+
+def test_two_workers_share_a_backlog_without_running_a_job_twice(fresh_stack):
+    stack = fresh_stack()
+    first, second = stack.start_worker("a"), stack.start_worker("b")
+    client = stack.client()
+    ids = [stack.submit(client, scene_png(192, 160, seed=s)[0], classes="circle").json["id"] for s in range(16)]
+    results = [stack.wait_for(client, job_id, timeout=180) for job_id in ids]
+    assert all(r["status"] == "succeeded" and r["attempts"] == 1 for r in results)
+    assert {r["worker"] for r in results} == {"a", "b"}
+    commits = "".join(p.log_path.read_text() for p in (first, second))
+    for job_id in ids:
+        assert commits.count(f"job {job_id} succeeded") == 1
