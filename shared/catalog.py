@@ -64,7 +64,7 @@ class ModelInfo:
         index = {name: i for i, name in enumerate(self.classes)}
         out = []
         for item in wanted:
-            if isinstance(item, int) or (isinstance(item, str) and item.strip().isdigit()):
+            if isinstance(item, int) or (isinstance(item, str) and item.strip().isdecimal()):
                 value = int(item)
                 if not 0 <= value < len(self.classes):
                     raise CatalogError("unknown_class", f"class index {value} is out of range 0..{len(self.classes) - 1}")

@@ -56,7 +56,7 @@ def _integer(name: str, value: Any, low: int, high: int) -> int:
         raise ParameterError("invalid_parameter", f"{name} must be an integer")
     if isinstance(value, str):
         value = value.strip()
-        if not value.lstrip("-").isdigit() or len(value) > 12:
+        if not value.removeprefix("-").isdecimal() or len(value) > 12:
             raise ParameterError("invalid_parameter", f"{name} must be an integer, got {value[:40]!r}")
         value = int(value)
     if not isinstance(value, int):

@@ -156,9 +156,14 @@ class Stack:
             return []
 
     def stop_worker(self, proc, sig=signal.SIGTERM, timeout: float = 120.0) -> None:
+        """SIGTERM goes to the main process only, as `docker stop` does (a warm shutdown);
+        SIGKILL takes the whole process group, pool children included."""
         if proc.poll() is None:
             try:
-                os.killpg(proc.pid, sig)
+                if sig == signal.SIGKILL:
+                    os.killpg(proc.pid, sig)
+                else:
+                    os.kill(proc.pid, sig)
             except ProcessLookupError:
                 pass
             try:

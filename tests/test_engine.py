@@ -215,7 +215,7 @@ def test_progress_reports_reach_total(registry, info, image_path, tmp_path):
 
 # --------------------------------------------------------------------------- errors
 
-@pytest.mark.parametrize("classes", ["kiwi", "apple,kiwi", "4", "-1", 17])
+@pytest.mark.parametrize("classes", ["kiwi", "apple,kiwi", "4", "-1", 17, "\u00b2"])
 def test_unknown_class(info, classes):
     with pytest.raises((ParameterError, CatalogError)) as exc:
         validate_params({"classes": classes if not isinstance(classes, int) else [classes]}, info)
@@ -236,6 +236,9 @@ def test_catalog_unknown_class_direct(info):
     {"mode": "tiled", "stride": "eight"},
     {"mode": "tiled", "stride": "8.5"},
     {"mode": "tiled", "stride": True},
+    {"mode": "tiled", "stride": "--5"},        # was a bare ValueError from int()
+    {"mode": "tiled", "stride": "\u00b2"},     # superscript two: isdigit() but not int()-able
+    {"mode": "tiled", "stride": "-"},
     {"mode": "tiled", "batch_size": 0},
     {"mode": "tiled", "batch_size": "abc"},
     {"mode": "tiled", "batch_size": 10**6},

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelUnavailableError, ValueError) as exc:
         print(f"error: {getattr(exc, 'code', 'invalid_input')}: {exc}", file=sys.stderr)
         return 2
+    except FileNotFoundError as exc:  # a mistyped image path is a usage error, not a crash
+        print(f"error: file_not_found: {exc.filename or exc}", file=sys.stderr)
+        return 2
     finally:
         if bar is not None:
             bar.close()
