@@ -391,7 +391,7 @@ def table(results: list[dict], matmul_rate: float | None) -> str:
         speedup = seed_s / r["seconds"] if ok and seed_s and r["impl"] != "seed" else None
         peak = _peak(r) if ok or r.get("status") == "oom" else None
         peak_cell = _fmt(peak / GB if peak else None)
-        if r.get("status") == "oom" and peak:
+        if r.get("status") == "oom" and peak and r.get("cap_gb"):
             peak_cell = f"> {r['cap_gb']:.1f}"
         if ok and r.get("rss_before"):
             peak_cell += f" ({r['rss_before'] / GB:.2f})"
