@@ -51,7 +51,7 @@ class ApiContext:
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # artifacts are served only through the job routes
     app.config.update(
         HEATMAP_SETTINGS=settings,
         # Uploads above this are refused with 413 while reading, before anything is stored.

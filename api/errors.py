@@ -62,7 +62,9 @@ class HeatmapApi(Api):
             status = 400
             message = "; ".join(_flatten(messages)) or message
         code = "invalid_parameter" if messages else _CODES.get(status, "error")
-        return error_response(status, code, str(message), data.get("headers"))
+        headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}  # e.g. Allow on 405
+        headers.update(data.get("headers") or {})
+        return error_response(status, code, str(message), headers)
 
 
 def _flatten(messages, prefix="") -> list[str]:

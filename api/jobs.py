@@ -107,6 +107,9 @@ class Jobs(MethodView):
     @blp.response(200, JobListSchema)
     def get(self, query):
         """List your jobs, newest first, optionally by status; follow `next_cursor` for more."""
+        unknown = [name for name in request.args if name not in ("status", "limit", "cursor")]
+        if unknown:
+            raise ApiError(400, "invalid_parameter", f"unknown query parameter {unknown[0][:50]!r}")
         with _db() as session:
             try:
                 page = jobs.list_jobs(session, g.owner, query.get("status"), query["limit"], query.get("cursor"))

@@ -73,7 +73,7 @@ class JobListQuerySchema(ma.Schema):
 
     status = ma.fields.String(validate=ma.validate.OneOf(STATUSES))
     limit = ma.fields.Integer(load_default=50, validate=ma.validate.Range(min=1, max=200))
-    cursor = ma.fields.String(validate=ma.validate.Length(max=200))
+    cursor = ma.fields.String(validate=ma.validate.Length(min=1, max=200))
 
 
 class SizeSchema(ma.Schema):

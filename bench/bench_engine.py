@@ -376,12 +376,13 @@ def _peak(result) -> int | None:
 
 def table(results: list[dict], matmul_rate: float | None) -> str:
     head = ("| case | implementation | image | seconds | CPU s | windows/cells | peak RSS GB (model GB) "
-            "| GFLOP/s | % of matmul | speedup vs seed | notes |")
+            "| GFLOP/s | % of matmul | speedup vs seed, wall (CPU) | notes |")
     lines = [head, "|" + "---|" * 11]
-    seeds = {}
+    seeds, seeds_cpu = {}, {}
     for r in results:
         if r["impl"] == "seed" and r.get("status") == "ok":
             seeds[r["case"]] = r["seconds"]
+            seeds_cpu[r["case"]] = r.get("cpu_s")
     for r in results:
         if r["kind"] == "matmul":
             continue
@@ -389,6 +390,8 @@ def table(results: list[dict], matmul_rate: float | None) -> str:
         rate = r["flops"] / r["seconds"] / 1e9 if ok and r.get("flops") else None
         seed_s = seeds.get(r["case"])
         speedup = seed_s / r["seconds"] if ok and seed_s and r["impl"] != "seed" else None
+        seed_cpu = seeds_cpu.get(r["case"])
+        cpu_speedup = seed_cpu / r["cpu_s"] if speedup and seed_cpu and r.get("cpu_s") else None
         peak = _peak(r) if ok or r.get("status") == "oom" else None
         peak_cell = _fmt(peak / GB if peak else None)
         if r.get("status") == "oom" and peak and r.get("cap_gb"):
@@ -402,7 +405,7 @@ def table(results: list[dict], matmul_rate: float | None) -> str:
             f"{r['units']} {r.get('unit_name', '')}".strip() if ok and r.get("units") is not None else "-",
             peak_cell, _fmt(rate, "{:.1f}"),
             _fmt(100 * rate / matmul_rate if rate and matmul_rate else None, "{:.0f}%"),
-            _fmt(speedup, "{:.2f}x"), r.get("note", ""),
+            _fmt(speedup, "{:.2f}x") + (f" ({cpu_speedup:.2f}x)" if cpu_speedup else ""), r.get("note", ""),
         ]) + " |")
     return "\n".join(lines)
 

@@ -171,7 +171,7 @@ def test_mobilenetv2_odd_image_exact():
                                            classifier_activation=None)
     fcn = to_fully_convolutional(model)
     assert fcn.field.same_strided  # the case this test is about
-    height, width, tile_cells = 419, 405, 3
+    height, width, tile_cells = 1003, 941, 6  # larger than one 6-cell tile plus its 256 px halos
     cy, cx = fcn.trunk_cells(height, width)
     spans = (plan_axis(height, 32, fcn.halo[0], cy, tile_cells), plan_axis(width, 32, fcn.halo[1], cx, tile_cells))
     for axis_spans, length in zip(spans, (height, width)):
@@ -189,7 +189,7 @@ def test_mobilenetv2_odd_image_exact():
 # --------------------------------------------------------------------------- planning
 
 @pytest.mark.parametrize("length,jump,halo,cells_per_tile", [
-    (203, 4, 6, 5), (157, 4, 6, 7), (517, 32, 90, 3), (459, 32, 90, 1), (419, 32, 245, 3),
+    (203, 4, 6, 5), (157, 4, 6, 7), (517, 32, 90, 3), (459, 32, 90, 1), (419, 32, 245, 3), (1003, 32, 245, 6), (4096, 32, 90, 30),
     (100, 8, 0, 2), (33, 1, 3, 4), (1000, 16, 100, 1000),
 ])
 def test_plan_axis_covers_every_cell_once(length, jump, halo, cells_per_tile):
@@ -198,6 +198,13 @@ def test_plan_axis_covers_every_cell_once(length, jump, halo, cells_per_tile):
     covered = [c for s in spans for c in range(s.cell_start, s.cell_stop)]
     assert covered == list(range(cells_total))  # each cell exactly once, in order
     halo_px = math.ceil(halo / jump) * jump
+    if len(spans) == 1:  # only when the whole axis is no bigger than one tile with its halo
+        assert cells_per_tile >= cells_total or length <= cells_per_tile * jump + 2 * halo_px
+        assert (spans[0].pixel_start, spans[0].pixel_stop) == (0, length)
+        return
+    sizes = [s.cell_stop - s.cell_start for s in spans]
+    assert len(spans) == math.ceil(cells_total / cells_per_tile)  # the fewest tiles
+    assert max(sizes) - min(sizes) < len(spans)  # balanced: no thin sliver at the end
     for s in spans:
         assert isinstance(s, Span)
         assert 0 < s.cell_stop - s.cell_start <= cells_per_tile

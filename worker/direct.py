@@ -53,15 +53,21 @@ class Span:
 
 
 def plan_axis(length: int, jump: int, halo: int, cells_total: int, cells_per_tile: int) -> list[Span]:
-    """Cut one axis of `length` pixels into tiles of `cells_per_tile` trunk cells."""
+    """Cut one axis of `length` pixels into tiles of at most `cells_per_tile` trunk cells.
+
+    One tile when the whole axis is no larger than a tile with its halo (same memory, no
+    recomputation); otherwise the fewest tiles, balanced so no thin sliver is left at the end.
+    """
     if cells_per_tile <= 0:
         raise ValueError("cells_per_tile must be positive")
-    if cells_per_tile >= cells_total:
-        return [Span(0, cells_total, 0, length)]
     halo_px = math.ceil(halo / jump) * jump
+    if cells_per_tile >= cells_total or length <= cells_per_tile * jump + 2 * halo_px:
+        return [Span(0, cells_total, 0, length)]
+    count = math.ceil(cells_total / cells_per_tile)
+    size = math.ceil(cells_total / count)
     spans = []
-    for cell_start in range(0, cells_total, cells_per_tile):
-        cell_stop = min(cells_total, cell_start + cells_per_tile)
+    for cell_start in range(0, cells_total, size):
+        cell_stop = min(cells_total, cell_start + size)
         pixel_start = max(0, cell_start * jump - halo_px)
         pixel_stop = cell_stop * jump + halo_px
         if pixel_stop < length:
