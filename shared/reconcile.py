@@ -46,7 +46,7 @@ def reconcile_once(settings: Settings, storage: Storage | None = None) -> PassRe
     with session_scope(url) as session:
         report.requeued, report.failed = jobs.rescue_stale(session, settings.stale_after_s, settings.job_max_attempts)
     with session_scope(url) as session:
-        to_send = jobs.queued_to_send(session, settings.requeue_queued_after_s)
+        to_send = list(dict.fromkeys(report.requeued + jobs.queued_to_send(session, settings.requeue_queued_after_s)))
     for job_id in to_send:
         try:
             send_job(settings, job_id)

@@ -354,18 +354,19 @@ def to_fully_convolutional(model: keras.Model, input_size: tuple[int, int] | Non
             continue
         if isinstance(op, layers.Dense):
             kernel_size = feature_window if (first_dense and head_kind == "flatten") else (1, 1)
-            conv = layers.Conv2D(op.units, kernel_size, padding="valid", activation=op.activation,
-                                 use_bias=op.use_bias, name=f"{op.name}_conv", dtype=op.dtype_policy)
-            x = conv(x)
-            weights = op.get_weights()
-            kernel = np.asarray(weights[0])
             expected = kernel_size[0] * kernel_size[1] * in_channels
-            if kernel.shape[0] != expected:
+            if int(op.kernel.shape[0]) != expected:
                 raise UnsupportedModelError(
-                    f"layer {op.name!r} expects {kernel.shape[0]} inputs, the feature map gives {expected}"
+                    f"layer {op.name!r} expects {op.kernel.shape[0]} inputs, the feature map gives {expected}"
                 )
-            new_layers.append((conv, [kernel.reshape(kernel_size[0], kernel_size[1], in_channels, op.units)]
-                               + [np.asarray(w) for w in weights[1:]]))
+            conv = layers.Conv2D(op.units, kernel_size, padding="valid", activation=op.activation,
+                                 use_bias=op.use_bias, name=f"{op.name}_conv", dtype=op.dtype_policy,
+                                 kernel_initializer="zeros", bias_initializer="zeros")
+            x = conv(x)
+            # Assign tensor to tensor: no numpy copy of a (VGG16: 411 MB) kernel on the way.
+            conv.kernel.assign(keras.ops.reshape(op.kernel, (kernel_size[0], kernel_size[1], in_channels, op.units)))
+            if op.use_bias:
+                conv.bias.assign(op.bias)
             in_channels = op.units
             first_dense = False
         else:
