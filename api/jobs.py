@@ -8,6 +8,7 @@ import re
 from flask import Response, current_app, g, request, send_file, stream_with_context, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
+from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 
 from api.auth import authenticate
@@ -148,8 +149,12 @@ class Jobs(MethodView):
         except ImageError as exc:
             raise ApiError(IMAGE_STATUS.get(exc.code, 400), exc.code, exc.message) from None
 
-        retry_after = ratelimit.hit(ctx.redis(), g.owner, settings.rate_limit_per_minute) \
-            if settings.rate_limit_per_minute else None
+        retry_after = None
+        if settings.rate_limit_per_minute:
+            try:
+                retry_after = ratelimit.hit(ctx.redis(), g.owner, settings.rate_limit_per_minute)
+            except RedisError as exc:  # fail open: a broker outage must not stop accepting work
+                log.warning("rate limit not checked (redis unavailable): %s", exc)
         if retry_after is not None:
             raise ApiError(429, "rate_limited", f"more than {settings.rate_limit_per_minute} submissions a minute",
                            {"Retry-After": str(retry_after)})

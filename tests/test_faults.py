@@ -94,7 +94,7 @@ def test_job_that_kills_its_worker_every_time_is_failed_after_max_attempts(fresh
 
 @pytest.mark.parametrize("appendonly", [True, False], ids=["aof", "no-persistence"])
 def test_redis_restart_loses_no_job(fresh_stack, appendonly):
-    stack = fresh_stack(appendonly=appendonly)
+    stack = fresh_stack(appendonly=appendonly, rate_limit_per_minute=1000)  # the limiter fails open
     stack.start_worker()
     client = stack.client()
     running = stack.submit(client, long_image(), **LONG_JOB).json["id"]

@@ -168,3 +168,45 @@ def test_summary_json_is_served(service):
     assert summary.mimetype == "application/json"
     data = json.loads(summary.data)
     assert data["image"] == {"width": 200, "height": 180} and data["mode"] == "direct"
+
+
+def _encoded(image: Image.Image, fmt: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def test_corrupt_images_fail_their_job_and_the_worker_stays_up(service):
+    client = service.client()
+    rng = np.random.default_rng(4)
+    jpeg = _encoded(Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)), "JPEG")
+    tiff = bytearray(_encoded(Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)), "TIFF",
+                              compression="tiff_adobe_deflate"))
+    strip = Image.open(io.BytesIO(bytes(tiff))).tag_v2[273][0]  # StripOffsets: keep the header intact
+    tiff[strip + 16:strip + 1016] = b"\xff" * 1000  # corrupt the compressed strip
+    for payload in (jpeg[: len(jpeg) // 2], bytes(tiff)):
+        response = service.submit(client, payload)
+        assert response.status_code == 202, response.json  # the header is fine
+        done = service.wait_for(client, response.json["id"])
+        assert done["status"] == "failed" and done["error"]["code"] == "corrupt_image", done
+        assert done["attempts"] == 1
+        assert not (service.tmp_path / "storage" / "uploads" / done["id"]).exists()  # nothing left behind
+    ok = service.submit(client, scene_png(160, 160, seed=2)[0])
+    assert service.wait_for(client, ok.json["id"])["status"] == "succeeded"
+
+
+def test_unusual_pixel_formats_succeed(service):
+    client = service.client()
+    scene = Image.open(io.BytesIO(scene_png(192, 160, seed=6)[0]))
+    gray16 = Image.fromarray((np.asarray(scene.convert("L"), dtype=np.uint16) * 257))
+    variants = {
+        "16-bit PNG": _encoded(gray16, "PNG"),
+        "CMYK JPEG": _encoded(scene.convert("CMYK"), "JPEG", quality=95),
+        "palette PNG": _encoded(scene.convert("P"), "PNG"),
+        "alpha PNG": _encoded(scene.convert("RGBA"), "PNG"),
+        "16-bit TIFF": _encoded(gray16, "TIFF"),
+    }
+    ids = {name: service.submit(client, data).json["id"] for name, data in variants.items()}
+    for name, job_id in ids.items():
+        done = service.wait_for(client, job_id)
+        assert done["status"] == "succeeded", (name, done)

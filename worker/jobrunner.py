@@ -126,6 +126,8 @@ def execute(job_id: str, context: WorkerContext) -> str:
                 log.info("job %s was canceled or taken over; stopped", job_id)
             except (ImageError, CatalogError, ParameterError) as exc:
                 _fail(context, job_id, token, exc.code, exc.message)
+                if isinstance(exc, ImageError):  # an unreadable upload is of no further use
+                    context.storage.delete_prefix(f"uploads/{job_id}")
             except ModelUnavailableError as exc:
                 _fail(context, job_id, token, exc.code, str(exc))
             except StorageError as exc:

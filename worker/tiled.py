@@ -47,8 +47,9 @@ def tiled_inference(
         preprocess: maps uint8 windows ``(B, h, w, C)`` to the model's float32 input.
         window: native ``(h, w)`` of the classifier.
         stride: pixels between windows, ``(sy, sx)`` or one int; default half the window.
-        batch_size: windows per forward call. The last batch is padded to this size so
-            the compiled predict function is traced only once.
+        batch_size: windows per forward call. The last batch is not padded (padding
+            would compute throw-away windows); Keras' predict function relaxes its batch
+            dimension after a second shape, so traces stay bounded.
         class_indices: keep only these model outputs (all when None).
         progress: ``progress(done, total)`` after each batch; may raise to stop.
     """
@@ -70,7 +71,7 @@ def tiled_inference(
     for done, members in enumerate(batches, start=1):
         for slot, (i, j) in enumerate(members):
             batch[slot] = image[rows[i]:rows[i] + window[0], cols[j]:cols[j] + window[1]]
-        out = keras.ops.convert_to_numpy(classifier.predict_on_batch(preprocess(batch)))[: len(members)]
+        out = keras.ops.convert_to_numpy(classifier.predict_on_batch(preprocess(batch[: len(members)])))
         if selection is not None:
             out = out[:, selection]
         if scores is None:
