@@ -21,18 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from shared.errors import InputError
+
 PREPROCESS_MODES = ("none", "tf", "caffe", "torch")
 BUILTIN_KINDS = ("keras_applications_vgg16",)
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
-class CatalogError(ValueError):
-    """Unknown model or class, or an invalid sidecar. `code` is machine readable."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class CatalogError(InputError):
+    """Unknown model or class, or an invalid sidecar."""
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,8 @@ from typing import IO, Any, Callable
 import numpy as np
 from PIL import Image, ImageFile
 
+from shared.errors import InputError
+
 __all__ = [
     "ALLOWED_FORMATS",
     "ImageError",
@@ -57,16 +59,8 @@ __all__ = [
 ]
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """Bad image input. `code` is a stable machine code, `message` human readable."""
-
-    code: str
-    message: str
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "TIFF", "BMP", "WEBP"})

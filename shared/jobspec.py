@@ -10,17 +10,15 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 from shared.catalog import CatalogError, ModelInfo
+from shared.errors import InputError
 
 MODES = ("direct", "tiled")
 WEIGHTINGS = ("mean", "gaussian")
 DEFAULT_TOP_K = 3
 
 
-class ParameterError(ValueError):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class ParameterError(InputError):
+    """A job parameter out of range or of the wrong kind."""
 
 
 @dataclass(frozen=True)

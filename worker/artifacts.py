@@ -76,7 +76,8 @@ def write_heatmap(out_dir: Path, grid: ScoreGrid, class_names: list[str], mode: 
 
 
 def write_overlays(out_dir: Path, grid: ScoreGrid, image: np.ndarray, *, max_side: int = 1024,
-                   weighting: str = "mean", alpha: float = 0.55) -> tuple[list[str], tuple[int, int]]:
+                   weighting: str = "mean", alpha: tuple[float, float] = (0.15, 0.85)
+                   ) -> tuple[list[str], tuple[int, int]]:
     """One PNG per score channel: the blended class map in colour over the downscaled image.
 
     Probabilities (all scores within [0, 1]) are drawn on an absolute scale, so a class
@@ -94,7 +95,9 @@ def write_overlays(out_dir: Path, grid: ScoreGrid, image: np.ndarray, *, max_sid
             low, high = float(values.min()), float(values.max())
             values = (values - low) / (high - low) if high > low else np.zeros_like(values)
         coloured = colormap(values).astype(np.float32)
-        mixed = (1 - alpha) * base + alpha * coloured
+        # Opacity grows with the score: the image stays readable, hot spots stand out.
+        opacity = (alpha[0] + (alpha[1] - alpha[0]) * values)[:, :, None]
+        mixed = (1 - opacity) * base + opacity * coloured
         buffer = io.BytesIO()
         Image.fromarray(mixed.round().astype(np.uint8)).save(buffer, format="PNG")
         name = overlay_name(int(class_index))

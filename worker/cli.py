@@ -16,9 +16,8 @@ import sys
 
 from tqdm import tqdm
 
-from shared.catalog import CatalogError
-from shared.imageio import ImageError
-from shared.jobspec import ParameterError, validate_params
+from shared.errors import InputError
+from shared.jobspec import validate_params
 from shared.settings import get_settings
 
 
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         params = params.__class__(**{**params.__dict__, "model": args.model or settings.default_model})
         summary = run_inference(args.image, params, registry, args.out, max_pixels=settings.max_image_pixels,
                                 progress=progress)
-    except (ImageError, CatalogError, ParameterError) as exc:
+    except InputError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return 2
     except (ModelUnavailableError, ValueError) as exc:

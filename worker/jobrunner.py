@@ -21,10 +21,10 @@ from typing import Callable, TypeVar
 from sqlalchemy.exc import OperationalError, DBAPIError
 
 from shared import jobs
-from shared.catalog import CatalogError
 from shared.database import session_scope
+from shared.errors import InputError
 from shared.imageio import ImageError
-from shared.jobspec import JobParams, ParameterError
+from shared.jobspec import JobParams
 from shared.settings import Settings
 from shared.storage import Storage, StorageError
 from worker.engine import run_inference
@@ -124,7 +124,7 @@ def execute(job_id: str, context: WorkerContext) -> str:
             except JobCanceled:
                 outcome = "canceled"
                 log.info("job %s was canceled or taken over; stopped", job_id)
-            except (ImageError, CatalogError, ParameterError) as exc:
+            except InputError as exc:
                 _fail(context, job_id, token, exc.code, exc.message)
                 if isinstance(exc, ImageError):  # an unreadable upload is of no further use
                     context.storage.delete_prefix(f"uploads/{job_id}")
