@@ -31,7 +31,8 @@ def wait_running(stack, client, job_id, attempts=1, timeout=120):
 
 
 def assert_consistent(stack, job_id):
-    """The row and the files agree: a succeeded job has every artifact it names, complete."""
+    """The row and the files agree: a succeeded job has every artifact it names, complete.
+    Call it when no job is running: it also checks that no temporary file is left anywhere."""
     row = stack.job_row(job_id)
     root = stack.tmp_path / "storage"
     if row.status == "succeeded":
@@ -108,9 +109,11 @@ def test_redis_restart_loses_no_job(fresh_stack, appendonly):
     time.sleep(2)
     stack.redis.start()
     assert client.get("/readyz").status_code == 200
-    for job_id in [running, *queued, during.json["id"]]:
+    ids = [running, *queued, during.json["id"]]
+    for job_id in ids:
         done = stack.wait_for(client, job_id, timeout=240)
         assert done["status"] == "succeeded", done
+    for job_id in ids:  # once nothing is being written any more
         assert_consistent(stack, job_id)
 
 
