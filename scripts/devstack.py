@@ -59,7 +59,7 @@ def start_stack(stack: ExitStack, port: int, quiet: bool) -> tuple[str, Settings
         stack.callback(redis.stop)
         env["REDIS_URL"] = redis.url
         print(f"redis      embedded redis-server at {redis.url}")
-    settings = Settings(_env_file=None, **{"data_dir": data_dir, "redis_url": env.get("REDIS_URL", settings.redis_url)})
+    settings = Settings(data_dir=data_dir, redis_url=env.get("REDIS_URL", settings.redis_url))
     upgrade_database(settings.resolved_database_url)
     print(f"database   {settings.resolved_database_url.split('@')[-1]} (migrated)")
     print(f"storage    {settings.resolved_storage_url}")

@@ -22,10 +22,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, delete, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from shared.models import ACTIVE_STATUSES, Job, JobStatus, utcnow
+from shared.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, JobStatus, utcnow
 
 _ACTIVE = [s.value for s in ACTIVE_STATUSES]
-_TERMINAL = [JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.canceled.value]
+_TERMINAL = [s.value for s in TERMINAL_STATUSES]
 
 
 def _set(session: Session, condition, **values) -> bool:

@@ -26,10 +26,6 @@ class JobStatus(str, enum.Enum):
     failed = "failed"
     canceled = "canceled"
 
-    @property
-    def is_terminal(self) -> bool:
-        return self in TERMINAL_STATUSES
-
 
 TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
 ACTIVE_STATUSES = frozenset({JobStatus.queued, JobStatus.running})
@@ -104,7 +100,3 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     result: Mapped[dict | None] = mapped_column(JSON, nullable=True, doc="summary + artifact keys")
-
-    @property
-    def job_status(self) -> JobStatus:
-        return JobStatus(self.status)

@@ -52,12 +52,6 @@ class Storage:
         """A filesystem path for the key when storage is local (lets Pillow seek cheaply)."""
         return Path(self.path(key)) if self.is_local else None
 
-    def exists(self, key: str) -> bool:
-        return self.fs.exists(self.path(key))
-
-    def size(self, key: str) -> int:
-        return int(self.fs.size(self.path(key)))
-
     def open(self, key: str) -> BinaryIO:
         return self.fs.open(self.path(key), "rb")
 

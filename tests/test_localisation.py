@@ -38,3 +38,10 @@ def test_peaks_fall_inside_the_objects(registry, tmp_path, mode, stride, seed):
         assert obj.contains(entry["peak"]["x"], entry["peak"]["y"], margin=4), (mode, obj, entry["peak"])
     with np.load(tmp_path / "out" / "heatmap.npz") as data:
         assert list(data["classes"]) == LABELS
+
+
+@pytest.mark.parametrize("name", ["shapes"])
+def test_sidecar_output_stride_matches_the_model(registry, name):
+    """The catalogue (read by the API without TensorFlow) states what the converter computes."""
+    loaded = registry.load(name)
+    assert loaded.info.output_stride == loaded.fcn.stride[0] == loaded.fcn.stride[1]

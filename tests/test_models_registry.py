@@ -131,6 +131,7 @@ def test_catalog_lists_vgg16():
     public = info.public()
     assert public["num_classes"] == 1000
     assert public["input_size"] == {"height": 224, "width": 224}
+    assert public["output_stride"] == 32  # what test_fcn computes for VGG16 from its layers
     assert not any("vgg16" in key for key in catalog.problems)
 
 
