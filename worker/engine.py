@@ -17,7 +17,7 @@ from shared.jobspec import JobParams
 from worker.artifacts import write_heatmap, write_overlays, write_summary
 from worker.direct import direct_inference
 from worker.grid import ProgressFn, ScoreGrid
-from worker.models import ModelRegistry
+from worker.models import LoadedModel, ModelRegistry
 from worker.tiled import tiled_inference
 
 
@@ -30,9 +30,8 @@ def select_classes(grid: ScoreGrid, params: JobParams) -> ScoreGrid:
     return grid.select(grid.class_indices[order])
 
 
-def compute_grid(image: np.ndarray, params: JobParams, registry: ModelRegistry,
+def compute_grid(image: np.ndarray, params: JobParams, loaded: LoadedModel,
                  progress: ProgressFn | None = None) -> ScoreGrid:
-    loaded = registry.load(params.model)
     if params.mode == "direct":
         return direct_inference(loaded.fcn, image, loaded.preprocess, memory_budget_mb=params.memory_budget_mb,
                                 class_indices=params.class_indices, progress=progress)
@@ -59,7 +58,7 @@ def run_inference(image_source: str | Path | BinaryIO, params: JobParams, regist
     decode_seconds = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    grid = select_classes(compute_grid(image, params, registry, progress), params)
+    grid = select_classes(compute_grid(image, params, loaded, progress), params)
     inference_seconds = time.perf_counter() - clock
 
     clock = time.perf_counter()
