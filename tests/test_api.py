@@ -251,3 +251,17 @@ def test_importing_the_api_does_not_load_tensorflow():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_database_down_is_503_never_500(tmp_path, redis_server):
+    from conftest import Stack
+    from shared.embedded_redis import free_port
+
+    stack = Stack(tmp_path, f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nowhere", redis_server)
+    client = stack.client()
+    for response in (client.get("/api/v1/jobs"), client.get(f"/api/v1/jobs/{'0' * 32}"),
+                     _post(client, files=[("image", (io.BytesIO(GOOD), "a.png"))]), client.get("/readyz")):
+        assert response.status_code == 503, response.json
+        assert response.json["error"]["code"] in ("database_unavailable", "not_ready")
+    assert _storage_files(stack.app) == []  # the refused upload was not kept
+    stack.close()
