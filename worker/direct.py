@@ -134,9 +134,7 @@ def direct_inference(
     head_channels = int(fcn.head.output.shape[-1])
     kept = head_channels if selection is None else len(selection)
     scores = np.empty((out_rows, out_cols, kept), dtype=np.float32)
-    widest_head = max(int(layer.output.shape[-1]) for layer in fcn.head.layers[1:]) if len(fcn.head.layers) > 1 \
-        else head_channels
-    head_rows = max(1, int(memory_budget_mb * 2**20 / (4.0 * ACTIVATION_OVERHEAD * max(1, out_cols) * widest_head)))
+    head_rows = max(1, int(memory_budget_mb * 2**20 / (4.0 * ACTIVATION_OVERHEAD * max(1, out_cols) * fcn.head_width)))
 
     buffer = None          # feature rows [buffer_start, buffer_start + len(buffer))
     buffer_start = 0
@@ -160,7 +158,7 @@ def direct_inference(
         while next_out + fh <= available:
             stop = min(available - fh + 1, next_out + head_rows)
             rows_in = buffer[next_out - buffer_start: stop - buffer_start + fh - 1]
-            out = keras.ops.convert_to_numpy(fcn.head(rows_in[None], training=False))[0]
+            out = fcn.apply_head(rows_in[None])
             scores[next_out:stop] = out if selection is None else out[..., selection]
             next_out = stop
         drop = next_out - buffer_start
