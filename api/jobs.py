@@ -192,7 +192,6 @@ class Jobs(MethodView):
             send_job(settings, job_id)
             with _db() as session:
                 jobs.mark_enqueued(session, job_id)
-                job = jobs.get_job(session, job_id)
         except Exception as exc:  # broker down: the row stays queued; the reconciler sends it later
             log.warning("job %s accepted but not sent yet: %s", job_id, exc)
         return represent(job), 202, {"Location": job_url(job_id)}

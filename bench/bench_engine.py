@@ -448,7 +448,8 @@ def main(argv=None) -> int:
                         help="also sweep tiled batch sizes and direct tile sizes")
     parser.add_argument("--sweep-size", type=int, help="image side of the direct tile sweep")
     parser.add_argument("--sweep-cells", type=int, nargs="+", help="tile_cells values of the sweep")
-    parser.add_argument("--batch", type=int, default=16, help="tiled batch size when not sweeping")
+    parser.add_argument("--batch", type=int, default=32,
+                        help="tiled batch size when not sweeping (the service's default)")
     parser.add_argument("--budget", type=float, default=1024, help="direct memory_budget_mb")
     parser.add_argument("--mem-cap-gb", type=float,
                         help="kill a case above this RSS (default: min(20, available - 2 GB))")

@@ -5,7 +5,7 @@ row is the truth. Nothing here imports TensorFlow.
 
 from __future__ import annotations
 
-from functools import lru_cache
+import threading
 
 from celery import Celery
 
@@ -44,14 +44,22 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-@lru_cache(maxsize=8)
-def celery_for(redis_url: str | None, queue_name: str) -> Celery:
-    return make_celery(Settings(redis_url=redis_url, queue_name=queue_name))
+_apps: dict[tuple[str | None, str], Celery] = {}
+_apps_lock = threading.Lock()
+
+
+def celery_for(settings: Settings) -> Celery:
+    """One Celery app (and its connection pool) per broker and queue, built from these settings."""
+    key = (settings.redis_url, settings.queue_name)
+    with _apps_lock:
+        if key not in _apps:
+            _apps[key] = make_celery(settings)
+        return _apps[key]
 
 
 def send_job(settings: Settings, job_id: str) -> None:
     """Publish the job id. Raises on broker failure; the caller keeps the row `queued`
     and the reconciler re-sends it later."""
-    app = celery_for(settings.redis_url, settings.queue_name)
+    app = celery_for(settings)
     app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=settings.queue_name,
                   retry=False)
