@@ -39,7 +39,7 @@ migrate: install
 
 ## Retrain the bundled model (models/shapes.keras + models/shapes.json).
 train-shapes: install
-	$(PY) -m worker.train_shapes --out models
+	$(PY) -m shapes.train --out models
 
 clean:
 	rm -rf data .pytest_cache

@@ -1,7 +1,7 @@
 """Flask application factory for the heatmap job API.
 
-    flask --app api run                      # development
-    gunicorn 'api:create_app()'              # production (no TensorFlow in this process)
+flask --app api run                      # development
+gunicorn 'api:create_app()'              # production (no TensorFlow in this process)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 import redis
 from flask import Flask
 
-from api.errors import HeatmapApi, register_error_handlers
+from api.error_handlers import HeatmapApi, register_error_handlers
 from shared.catalog import ModelCatalog
 from shared.settings import Settings, get_settings
 from shared.storage import Storage
@@ -31,8 +31,11 @@ class ApiContext:
         self._catalog: ModelCatalog | None = None
         self._catalog_time = 0.0
         self._lock = threading.Lock()
-        self._redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=2) \
-            if settings.redis_url else None
+        self._redis = (
+            redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=2)
+            if settings.redis_url
+            else None
+        )
         self.metrics_registry = None
 
     def catalog(self) -> ModelCatalog:
@@ -74,12 +77,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     context = ApiContext(settings)
     app.extensions["heatmaps"] = context
 
-    from api import health, jobs, metrics, models
+    from api import health, job_routes, metrics, model_routes
 
     api = HeatmapApi(app)
     app.extensions["heatmap_api"] = api
-    api.register_blueprint(jobs.blp)
-    api.register_blueprint(models.blp)
+    api.register_blueprint(job_routes.blp)
+    api.register_blueprint(model_routes.blp)
     app.register_blueprint(health.bp)
     context.metrics_registry = metrics.make_registry(context)
     register_error_handlers(app)

@@ -12,7 +12,7 @@ import hmac
 
 from flask import current_app, g, request
 
-from api.errors import ApiError
+from api.error_handlers import ApiError
 from shared.settings import hash_api_key
 
 ANONYMOUS = ""
@@ -36,8 +36,12 @@ def authenticate() -> None:
         return
     key = presented_key()
     if not key:
-        raise ApiError(401, "unauthorized", "an API key is required (X-API-Key header)",
-                       {"WWW-Authenticate": 'Bearer realm="heatmaps"'})
+        raise ApiError(
+            401,
+            "unauthorized",
+            "an API key is required (X-API-Key header)",
+            {"WWW-Authenticate": 'Bearer realm="heatmaps"'},
+        )
     digest = hash_api_key(key)
     for known, name in hashes.items():
         if hmac.compare_digest(known, digest):

@@ -8,11 +8,11 @@ import logging
 from datetime import timedelta
 
 from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, HistogramMetricFamily
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from shared import jobs
+from shared import job_store
 from shared.database import session_scope
-from shared.models import Job, utcnow
+from shared.tables import Job, utcnow
 
 log = logging.getLogger("heatmaps.metrics")
 DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -28,23 +28,29 @@ class JobCollector:
         by_status = GaugeMetricFamily("heatmap_jobs", "Jobs in the database by status", labels=["status"])
         depth = GaugeMetricFamily("heatmap_queue_depth", "Messages waiting in the broker queue", labels=["queue"])
         duration = None
-        tiles = GaugeMetricFamily("heatmap_tiles_per_second",
-                                  "Tiles or window batches per second of inference, jobs finished in the last hour")
+        tiles = GaugeMetricFamily(
+            "heatmap_tiles_per_second",
+            "Tiles or window batches per second of inference, jobs finished in the last hour",
+        )
         try:
             with session_scope(settings.resolved_database_url) as session:
-                for status, count in jobs.counts_by_status(session).items():
+                for status, count in job_store.counts_by_status(session).items():
                     by_status.add_metric([status], count)
                 since = utcnow() - WINDOW
                 rows = session.execute(
-                    select(Job.started_at, Job.finished_at, Job.units_total, Job.inference_seconds)
-                    .where(Job.status == "succeeded", Job.finished_at >= since)
+                    select(Job.started_at, Job.finished_at, Job.units_total, Job.inference_seconds).where(
+                        Job.status == "succeeded", Job.finished_at >= since
+                    )
                 ).all()
             durations = [(f - s).total_seconds() for s, f, _, _ in rows if s and f]
             buckets = [[str(b), sum(1 for d in durations if d <= b)] for b in DURATION_BUCKETS]
             buckets.append(["+Inf", len(durations)])
-            duration = HistogramMetricFamily("heatmap_job_duration_seconds",
-                                             "Run time of jobs that succeeded in the last hour",
-                                             buckets=buckets, sum_value=sum(durations))
+            duration = HistogramMetricFamily(
+                "heatmap_job_duration_seconds",
+                "Run time of jobs that succeeded in the last hour",
+                buckets=buckets,
+                sum_value=sum(durations),
+            )
             units = sum(u for _, _, u, _ in rows if u)
             seconds = sum(t for _, _, _, t in rows if t)
             tiles.add_metric([], units / seconds if seconds else 0.0)

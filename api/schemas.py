@@ -31,7 +31,9 @@ class ClassResultSchema(ma.Schema):
     index = ma.fields.Integer(required=True)
     max = ma.fields.Float(required=True)
     mean = ma.fields.Float(required=True)
-    peak = ma.fields.Nested(PeakSchema, required=True, metadata={"description": "centre of the best window, image pixels"})
+    peak = ma.fields.Nested(
+        PeakSchema, required=True, metadata={"description": "centre of the best window, image pixels"}
+    )
     overlay_url = ma.fields.String(required=True)
 
 
@@ -103,8 +105,11 @@ SUBMIT_REQUEST_BODY = {
                 "type": "object",
                 "required": ["image"],
                 "properties": {
-                    "image": {"type": "string", "format": "binary",
-                              "description": "JPEG, PNG, TIFF, BMP or WebP; checked by content"},
+                    "image": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "JPEG, PNG, TIFF, BMP or WebP; checked by content",
+                    },
                     "model": {"type": "string", "description": "catalogue name (GET /api/v1/models)"},
                     "mode": {"type": "string", "enum": ["direct", "tiled"], "default": "direct"},
                     "stride": {"type": "integer", "minimum": 1, "description": "tiled mode: pixels between windows"},

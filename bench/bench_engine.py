@@ -42,8 +42,10 @@ STRIDE = 112
 # Child side: one case, TensorFlow imported here only.
 # ----------------------------------------------------------------------------------------
 
+
 def _rss_now() -> int:
     import psutil
+
     return psutil.Process().memory_info().rss
 
 
@@ -135,8 +137,14 @@ def _case_matmul(spec) -> dict:
     best = min(times)
     _CPU_SECONDS["last"] = None
     flops = 2.0 * n**3
-    return {"seconds": best, "all_seconds": times, "flops": flops, "gflops_per_s": flops / best / 1e9,
-            "units": None, "note": f"{n}x{n} @ {n}x{n} fp32, best of {repeats}"}
+    return {
+        "seconds": best,
+        "all_seconds": times,
+        "flops": flops,
+        "gflops_per_s": flops / best / 1e9,
+        "units": None,
+        "note": f"{n}x{n} @ {n}x{n} fp32, best of {repeats}",
+    }
 
 
 def _case_seed_tiled(spec) -> dict:
@@ -150,9 +158,15 @@ def _case_seed_tiled(spec) -> dict:
     rss_before = _rss_now()
     (heatmap, count), seconds = _timed(lambda: seed_sliding_window(model, image, WINDOW, STRIDE, 1000))
     macs = chain_macs(model, (1, WINDOW, WINDOW, 3))
-    return {"seconds": seconds, "units": count, "unit_name": "windows", "flops": 2.0 * macs * count,
-            "rss_before": rss_before, "output_mb": heatmap.nbytes / 2**20,
-            "note": f"edges skipped; {heatmap.nbytes / GB:.1f} GB HxWx1000 output"}
+    return {
+        "seconds": seconds,
+        "units": count,
+        "unit_name": "windows",
+        "flops": 2.0 * macs * count,
+        "rss_before": rss_before,
+        "output_mb": heatmap.nbytes / 2**20,
+        "note": f"edges skipped; {heatmap.nbytes / GB:.1f} GB HxWx1000 output",
+    }
 
 
 def _case_engine_tiled(spec) -> dict:
@@ -166,20 +180,29 @@ def _case_engine_tiled(spec) -> dict:
     for size in (WINDOW, WINDOW + STRIDE):  # warm-up: two batch shapes, so Keras relaxes the batch dimension
         tiled_inference(model, _image(size, 1), pre, window=(WINDOW, WINDOW), stride=STRIDE, batch_size=batch)
     rss_before = _rss_now()
-    grid, seconds = _timed(lambda: tiled_inference(model, image, pre, window=(WINDOW, WINDOW),
-                                                   stride=STRIDE, batch_size=batch))
+    grid, seconds = _timed(
+        lambda: tiled_inference(model, image, pre, window=(WINDOW, WINDOW), stride=STRIDE, batch_size=batch)
+    )
     count = grid.scores.shape[0] * grid.scores.shape[1]
     macs = chain_macs(model, (1, WINDOW, WINDOW, 3))
-    return {"seconds": seconds, "units": count, "unit_name": "windows", "flops": 2.0 * macs * count,
-            "rss_before": rss_before, "macs_per_window": macs, "note": f"batch {batch}, edges covered"}
+    return {
+        "seconds": seconds,
+        "units": count,
+        "unit_name": "windows",
+        "flops": 2.0 * macs * count,
+        "rss_before": rss_before,
+        "macs_per_window": macs,
+        "note": f"batch {batch}, edges covered",
+    }
 
 
 def _fcn_flops(fcn, height: int, width: int) -> float:
     """Useful FLOPs of one whole-image FCN pass (trunk at H x W + head on its feature map)."""
     cells_y, cells_x = fcn.trunk_cells(height, width)
     features = int(fcn.trunk.output.shape[-1])
-    return 2.0 * (chain_macs(fcn.trunk, (1, height, width, fcn.channels))
-                  + chain_macs(fcn.head, (1, cells_y, cells_x, features)))
+    return 2.0 * (
+        chain_macs(fcn.trunk, (1, height, width, fcn.channels)) + chain_macs(fcn.head, (1, cells_y, cells_x, features))
+    )
 
 
 def _engine_executed_flops(fcn, height: int, width: int, tile_cells: int) -> tuple[float, int, int]:
@@ -212,9 +235,14 @@ def _case_seed_direct(spec) -> dict:
     fcn.model.predict(np.zeros((1, 256, 256, 3), np.float32), verbose=0)  # warm-up
     rss_before = _rss_now()
     scores, seconds = _timed(lambda: seed_whole_image_direct(fcn.model, image))
-    return {"seconds": seconds, "units": int(scores.shape[0] * scores.shape[1]), "unit_name": "cells",
-            "flops": _fcn_flops(fcn, spec["size"], spec["size"]), "rss_before": rss_before,
-            "note": "whole image in one pass"}
+    return {
+        "seconds": seconds,
+        "units": int(scores.shape[0] * scores.shape[1]),
+        "unit_name": "cells",
+        "flops": _fcn_flops(fcn, spec["size"], spec["size"]),
+        "rss_before": rss_before,
+        "note": "whole image in one pass",
+    }
 
 
 def _case_engine_direct(spec) -> dict:
@@ -230,19 +258,32 @@ def _case_engine_direct(spec) -> dict:
     tile_cells = spec.get("tile_cells") or tile_cells_for_budget(fcn, budget)
     direct_inference(fcn, _image(256, 1), pre, memory_budget_mb=budget, tile_cells=tile_cells)  # warm-up
     rss_before = _rss_now()
-    grid, seconds = _timed(lambda: direct_inference(fcn, image, pre, memory_budget_mb=budget,
-                                                    tile_cells=tile_cells))
+    grid, seconds = _timed(lambda: direct_inference(fcn, image, pre, memory_budget_mb=budget, tile_cells=tile_cells))
     useful = _fcn_flops(fcn, size, size)
     executed, tiles, side = _engine_executed_flops(fcn, size, size, tile_cells)
-    return {"seconds": seconds, "units": int(grid.scores.shape[0] * grid.scores.shape[1]), "unit_name": "cells",
-            "flops": useful, "executed_flops": executed, "rss_before": rss_before, "tiles": tiles,
-            "tile_cells": tile_cells, "tile_side_px": side, "budget_mb": budget,
-            "note": f"budget {budget:g} MB, tile_cells {tile_cells}, {tiles} tiles <= {side} px, "
-                    f"halo overhead {executed / useful:.2f}x"}
+    return {
+        "seconds": seconds,
+        "units": int(grid.scores.shape[0] * grid.scores.shape[1]),
+        "unit_name": "cells",
+        "flops": useful,
+        "executed_flops": executed,
+        "rss_before": rss_before,
+        "tiles": tiles,
+        "tile_cells": tile_cells,
+        "tile_side_px": side,
+        "budget_mb": budget,
+        "note": f"budget {budget:g} MB, tile_cells {tile_cells}, {tiles} tiles <= {side} px, "
+        f"halo overhead {executed / useful:.2f}x",
+    }
 
 
-_CASES = {"matmul": _case_matmul, "seed_tiled": _case_seed_tiled, "engine_tiled": _case_engine_tiled,
-          "seed_direct": _case_seed_direct, "engine_direct": _case_engine_direct}
+_CASES = {
+    "matmul": _case_matmul,
+    "seed_tiled": _case_seed_tiled,
+    "engine_tiled": _case_engine_tiled,
+    "seed_direct": _case_seed_direct,
+    "engine_direct": _case_engine_direct,
+}
 
 
 def _child_main(spec_json: str, out_path: str) -> None:
@@ -256,7 +297,7 @@ def _child_main(spec_json: str, out_path: str) -> None:
     spec = json.loads(spec_json)
     result = _CASES[spec["kind"]](spec)
     result["cpu_s"] = _CPU_SECONDS.get("last")
-    result["peak_rss_inference"] = _vm_hwm()       # VmHWM since the reset before the timed call
+    result["peak_rss_inference"] = _vm_hwm()  # VmHWM since the reset before the timed call
     result["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # whole process
     with open(out_path, "w") as handle:
         json.dump(result, handle)
@@ -265,6 +306,7 @@ def _child_main(spec_json: str, out_path: str) -> None:
 # ----------------------------------------------------------------------------------------
 # Parent side: spawn, watch memory, tabulate. No TensorFlow import here.
 # ----------------------------------------------------------------------------------------
+
 
 def _tree_rss(proc) -> int:
     import psutil
@@ -293,8 +335,13 @@ def run_case(spec: dict, cap_bytes: int, timeout_s: float) -> dict:
         cmd = [sys.executable, "-m", "bench.bench_engine", "--child", json.dumps(spec), out_path]
         start = time.perf_counter()
         with open(log_path, "w") as log:
-            child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            child = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            )
             proc = psutil.Process(child.pid)
             peak = 0
             status = "ok"
@@ -315,8 +362,11 @@ def run_case(spec: dict, cap_bytes: int, timeout_s: float) -> dict:
         result["load_avg_after"] = os.getloadavg()[0]
         result["parent_peak_rss"] = peak
         if status == "oom":
-            result.update(status="oom", cap_gb=cap_bytes / GB,
-                          note=f"out of memory (> {cap_bytes / GB:.1f} GB): killed by the guard")
+            result.update(
+                status="oom",
+                cap_gb=cap_bytes / GB,
+                note=f"out of memory (> {cap_bytes / GB:.1f} GB): killed by the guard",
+            )
         elif status == "timeout":
             result.update(status="timeout", note=f"killed after {timeout_s:.0f} s")
         elif child.returncode != 0 or not os.path.exists(out_path):
@@ -347,9 +397,14 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
-    info = {"cpu": model, "cores_logical": os.cpu_count(), "cores_physical": psutil.cpu_count(logical=False),
-            "ram_gb": psutil.virtual_memory().total / GB, "python": platform.python_version(),
-            "load_avg_at_start": os.getloadavg()}
+    info = {
+        "cpu": model,
+        "cores_logical": os.cpu_count(),
+        "cores_physical": psutil.cpu_count(logical=False),
+        "ram_gb": psutil.virtual_memory().total / GB,
+        "python": platform.python_version(),
+        "load_avg_at_start": os.getloadavg(),
+    }
     # versions without importing TensorFlow in the parent
     from importlib import metadata
 
@@ -373,8 +428,10 @@ def _peak(result) -> int | None:
 
 
 def table(results: list[dict], matmul_rate: float | None) -> str:
-    head = ("| case | implementation | image | seconds | CPU s | windows/cells | peak RSS GB (model GB) "
-            "| GFLOP/s | % of matmul | speedup vs seed, wall (CPU) | notes |")
+    head = (
+        "| case | implementation | image | seconds | CPU s | windows/cells | peak RSS GB (model GB) "
+        "| GFLOP/s | % of matmul | speedup vs seed, wall (CPU) | notes |"
+    )
     lines = [head, "|" + "---|" * 11]
     seeds, seeds_cpu = {}, {}
     for r in results:
@@ -396,43 +453,116 @@ def table(results: list[dict], matmul_rate: float | None) -> str:
             peak_cell = f"> {r['cap_gb']:.1f}"
         if ok and r.get("rss_before"):
             peak_cell += f" ({r['rss_before'] / GB:.2f})"
-        lines.append("| " + " | ".join([
-            r["case"], r["label"], f"{r['size']}x{r['size']}",
-            _fmt(r.get("seconds")) if ok else r.get("status", "?"),
-            _fmt(r.get("cpu_s"), "{:.1f}") if ok else "-",
-            f"{r['units']} {r.get('unit_name', '')}".strip() if ok and r.get("units") is not None else "-",
-            peak_cell, _fmt(rate, "{:.1f}"),
-            _fmt(100 * rate / matmul_rate if rate and matmul_rate else None, "{:.0f}%"),
-            _fmt(speedup, "{:.2f}x") + (f" ({cpu_speedup:.2f}x)" if cpu_speedup else ""), r.get("note", ""),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["case"],
+                    r["label"],
+                    f"{r['size']}x{r['size']}",
+                    _fmt(r.get("seconds")) if ok else r.get("status", "?"),
+                    _fmt(r.get("cpu_s"), "{:.1f}") if ok else "-",
+                    f"{r['units']} {r.get('unit_name', '')}".strip() if ok and r.get("units") is not None else "-",
+                    peak_cell,
+                    _fmt(rate, "{:.1f}"),
+                    _fmt(100 * rate / matmul_rate if rate and matmul_rate else None, "{:.0f}%"),
+                    _fmt(speedup, "{:.2f}x") + (f" ({cpu_speedup:.2f}x)" if cpu_speedup else ""),
+                    r.get("note", ""),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def build_plan(args) -> list[dict]:
     tiled, direct, large = args.sizes
-    plan = [{"case": "matmul", "impl": "reference", "label": "matmul", "kind": "matmul",
-             "n": 2048 if args.quick else 4096, "repeats": 3 if args.quick else 5, "size": 0}]
-    plan.append({"case": "tiled", "impl": "seed", "label": "seed sliding window (1 predict/window)",
-                 "kind": "seed_tiled", "size": tiled})
+    plan = [
+        {
+            "case": "matmul",
+            "impl": "reference",
+            "label": "matmul",
+            "kind": "matmul",
+            "n": 2048 if args.quick else 4096,
+            "repeats": 3 if args.quick else 5,
+            "size": 0,
+        }
+    ]
+    plan.append(
+        {
+            "case": "tiled",
+            "impl": "seed",
+            "label": "seed sliding window (1 predict/window)",
+            "kind": "seed_tiled",
+            "size": tiled,
+        }
+    )
     batches = [8, 16, 32] if args.tile_sweep else [args.batch]
     for b in batches:
-        plan.append({"case": "tiled", "impl": "engine", "label": f"engine tiled_inference B={b}",
-                     "kind": "engine_tiled", "size": tiled, "batch": b})
+        plan.append(
+            {
+                "case": "tiled",
+                "impl": "engine",
+                "label": f"engine tiled_inference B={b}",
+                "kind": "engine_tiled",
+                "size": tiled,
+                "batch": b,
+            }
+        )
     if not args.skip_seed_direct:
-        plan.append({"case": "direct", "impl": "seed", "label": "seed whole-image FCN predict",
-                     "kind": "seed_direct", "size": direct})
-    plan.append({"case": "direct", "impl": "engine", "label": f"engine direct_inference {args.budget:g} MB",
-                 "kind": "engine_direct", "size": direct, "budget": args.budget})
+        plan.append(
+            {
+                "case": "direct",
+                "impl": "seed",
+                "label": "seed whole-image FCN predict",
+                "kind": "seed_direct",
+                "size": direct,
+            }
+        )
+    plan.append(
+        {
+            "case": "direct",
+            "impl": "engine",
+            "label": f"engine direct_inference {args.budget:g} MB",
+            "kind": "engine_direct",
+            "size": direct,
+            "budget": args.budget,
+        }
+    )
     if not args.skip_seed_direct:
-        plan.append({"case": "large", "impl": "seed", "label": "seed whole-image FCN predict",
-                     "kind": "seed_direct", "size": large})
-    plan.append({"case": "large", "impl": "engine", "label": f"engine direct_inference {args.budget:g} MB",
-                 "kind": "engine_direct", "size": large, "budget": args.budget})
+        plan.append(
+            {
+                "case": "large",
+                "impl": "seed",
+                "label": "seed whole-image FCN predict",
+                "kind": "seed_direct",
+                "size": large,
+            }
+        )
+    plan.append(
+        {
+            "case": "large",
+            "impl": "engine",
+            "label": f"engine direct_inference {args.budget:g} MB",
+            "kind": "engine_direct",
+            "size": large,
+            "budget": args.budget,
+        }
+    )
     if args.tile_sweep:
         size = args.sweep_size or (2048 if args.quick else 4096)
         for cells in args.sweep_cells or ([8, 16, 28, 40, 64] if args.quick else [12, 20, 28, 40, 56, 72]):
-            plan.append({"case": "sweep", "impl": "engine", "label": f"engine direct tile_cells={cells}",
-                         "kind": "engine_direct", "size": size, "budget": args.budget, "tile_cells": cells})
+            plan.append(
+                {
+                    "case": "sweep",
+                    "impl": "engine",
+                    "label": f"engine direct tile_cells={cells}",
+                    "kind": "engine_direct",
+                    "size": size,
+                    "budget": args.budget,
+                    "tile_cells": cells,
+                }
+            )
     # the matmul reference again at the end: the best of both is used (less noise on a busy box)
     plan.append(dict(plan[0]))
     return plan
@@ -441,18 +571,24 @@ def build_plan(args) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (512 tiled, 1024 direct, 2048 large)")
-    parser.add_argument("--sizes", type=int, nargs=3, metavar=("TILED", "DIRECT", "LARGE"),
-                        help="image sides for the tiled, direct and large cases (default 1024 4096 8192)")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs=3,
+        metavar=("TILED", "DIRECT", "LARGE"),
+        help="image sides for the tiled, direct and large cases (default 1024 4096 8192)",
+    )
     parser.add_argument("--skip-seed-direct", action="store_true", help="skip the seed whole-image runs")
-    parser.add_argument("--tile-sweep", action="store_true",
-                        help="also sweep tiled batch sizes and direct tile sizes")
+    parser.add_argument("--tile-sweep", action="store_true", help="also sweep tiled batch sizes and direct tile sizes")
     parser.add_argument("--sweep-size", type=int, help="image side of the direct tile sweep")
     parser.add_argument("--sweep-cells", type=int, nargs="+", help="tile_cells values of the sweep")
-    parser.add_argument("--batch", type=int, default=32,
-                        help="tiled batch size when not sweeping (the service's default)")
+    parser.add_argument(
+        "--batch", type=int, default=32, help="tiled batch size when not sweeping (the service's default)"
+    )
     parser.add_argument("--budget", type=float, default=1024, help="direct memory_budget_mb")
-    parser.add_argument("--mem-cap-gb", type=float,
-                        help="kill a case above this RSS (default: min(20, available - 2 GB))")
+    parser.add_argument(
+        "--mem-cap-gb", type=float, help="kill a case above this RSS (default: min(20, available - 2 GB))"
+    )
     parser.add_argument("--case-timeout", type=float, default=3600, help="seconds per case")
     parser.add_argument("--only", nargs="+", help="run only these cases (matmul tiled direct large sweep)")
     parser.add_argument("--json", help="write all results to this JSON file")
@@ -472,9 +608,12 @@ def main(argv=None) -> int:
     info["mem_cap_gb"] = cap / GB
     print(f"# machine: {info}", flush=True)
     if info["load_avg_at_start"][0] > 0.5:
-        print(f"# WARNING: load average {info['load_avg_at_start'][0]:.2f} on {info['cores_logical']} cores: "
-              "other processes compete for the CPU, wall-clock figures will be inflated and noisy "
-              "(compare CPU seconds, or rerun on a quiet machine)", flush=True)
+        print(
+            f"# WARNING: load average {info['load_avg_at_start'][0]:.2f} on {info['cores_logical']} cores: "
+            "other processes compete for the CPU, wall-clock figures will be inflated and noisy "
+            "(compare CPU seconds, or rerun on a quiet machine)",
+            flush=True,
+        )
 
     plan = build_plan(args)
     if args.only:
@@ -484,8 +623,11 @@ def main(argv=None) -> int:
     for spec in plan:
         if spec["kind"] == "seed_direct" and seed_direct_estimate_bytes(spec["size"]) > cap:
             need = seed_direct_estimate_bytes(spec["size"]) / GB
-            result = dict(spec, status="oom",
-                          note=f"out of memory (> {cap / GB:.0f} GB): needs >= {need:.0f} GB by estimate, not run")
+            result = dict(
+                spec,
+                status="oom",
+                note=f"out of memory (> {cap / GB:.0f} GB): needs >= {need:.0f} GB by estimate, not run",
+            )
             print(f"- {spec['case']} / {spec['label']}: {result['note']}", flush=True)
             results.append(result)
             continue
@@ -498,19 +640,22 @@ def main(argv=None) -> int:
                 print(f"{result['gflops_per_s']:.1f} GFLOP/s ({result['note']})", flush=True)
             else:
                 peak = _peak(result)
-                print(f"{result['seconds']:.2f} s, peak RSS {peak / GB:.2f} GB  [{result.get('note', '')}]",
-                      flush=True)
+                print(f"{result['seconds']:.2f} s, peak RSS {peak / GB:.2f} GB  [{result.get('note', '')}]", flush=True)
         else:
             print(f"{result['status']}: {result.get('note', '')}", flush=True)
             if result.get("log_tail"):
                 print(result["log_tail"], file=sys.stderr)
 
     print()
-    print(f"Machine: {info['cpu']}, {info['cores_logical']} logical cores, {info['ram_gb']:.0f} GB RAM, "
-          f"TensorFlow {info.get('tensorflow') or info.get('tensorflow-cpu', '?')}, Keras {info.get('keras', '?')} "
-          f"(backend {info['keras_backend']}), load average at start {info['load_avg_at_start'][0]:.2f}")
-    print(f"Reference fp32 matmul rate: {_fmt(matmul_rate, '{:.1f}')} GFLOP/s (best of start and end); "
-          f"memory cap {cap / GB:.1f} GB; load average at end {os.getloadavg()[0]:.2f}")
+    print(
+        f"Machine: {info['cpu']}, {info['cores_logical']} logical cores, {info['ram_gb']:.0f} GB RAM, "
+        f"TensorFlow {info.get('tensorflow') or info.get('tensorflow-cpu', '?')}, Keras {info.get('keras', '?')} "
+        f"(backend {info['keras_backend']}), load average at start {info['load_avg_at_start'][0]:.2f}"
+    )
+    print(
+        f"Reference fp32 matmul rate: {_fmt(matmul_rate, '{:.1f}')} GFLOP/s (best of start and end); "
+        f"memory cap {cap / GB:.1f} GB; load average at end {os.getloadavg()[0]:.2f}"
+    )
     print()
     print(table(results, matmul_rate))
     if args.json:

@@ -31,7 +31,7 @@ import requests
 from PIL import Image
 
 from scripts.devstack import start_stack
-from worker.scenes import generate_scene
+from shapes.scenes import generate_scene
 
 
 def percentile(values, q):
@@ -47,8 +47,12 @@ def submit_latencies(base: str, jobs: int) -> dict:
     to_running, overhead, end_to_end, inference = [], [], [], []
     for i in range(jobs + 5):
         sent = time.time()
-        response = session.post(f"{base}/api/v1/jobs", files={"image": ("s.png", payload, "image/png")},
-                                data={"classes": "circle"}, timeout=30)
+        response = session.post(
+            f"{base}/api/v1/jobs",
+            files={"image": ("s.png", payload, "image/png")},
+            data={"classes": "circle"},
+            timeout=30,
+        )
         response.raise_for_status()
         url = base + response.headers["Location"]
         while True:
@@ -107,9 +111,15 @@ def polling_load(base: str, clients: int, seconds: float) -> dict:
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - begun
-    return {"clients": clients, "seconds": round(elapsed, 1), "requests": len(latencies),
-            "rps": len(latencies) / elapsed, "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
-            "errors": errors[0]}
+    return {
+        "clients": clients,
+        "seconds": round(elapsed, 1),
+        "requests": len(latencies),
+        "rps": len(latencies) / elapsed,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "errors": errors[0],
+    }
 
 
 def main() -> int:
@@ -131,8 +141,10 @@ def main() -> int:
     for key in ("submit_to_running_ms", "overhead_ms", "end_to_end_ms"):
         print(f"| {key} ({latency['jobs']} jobs) | {latency[key]['p50']:.1f} | {latency[key]['p95']:.1f} |")
     print(f"| inference_ms (bundled model, 256x256) | {latency['inference_ms']['p50']:.1f} | |")
-    print(f"\nstatus polling: {load['clients']} clients for {load['seconds']} s: {load['rps']:.0f} req/s, "
-          f"p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, errors {load['errors']} of {load['requests']}")
+    print(
+        f"\nstatus polling: {load['clients']} clients for {load['seconds']} s: {load['rps']:.0f} req/s, "
+        f"p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, errors {load['errors']} of {load['requests']}"
+    )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"latency": latency, "polling": load}, handle, indent=2)

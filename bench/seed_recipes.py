@@ -21,18 +21,19 @@ from __future__ import annotations
 import numpy as np
 
 
-def seed_sliding_window(model, image_uint8: np.ndarray, window: int = 224, stride: int = 112,
-                        num_classes: int = 1000) -> tuple[np.ndarray, int]:
+def seed_sliding_window(
+    model, image_uint8: np.ndarray, window: int = 224, stride: int = 112, num_classes: int = 1000
+) -> tuple[np.ndarray, int]:
     """Naive sliding window: returns ``(heatmap (H, W, num_classes) float32, windows run)``."""
     image = image_uint8 / 255  # wrong preprocessing for VGG16 (and float64), as in the seed
     height, width = image.shape[:2]
     heatmap = np.zeros((height, width, num_classes), dtype=np.float32)
     count = 0
-    for y in range(0, height - window, stride):        # edge windows skipped
+    for y in range(0, height - window, stride):  # edge windows skipped
         for x in range(0, width - window, stride):
-            crop = image[y:y + window, x:x + window]
-            scores = model.predict(crop[None], verbose=0)[0]   # one predict per window
-            heatmap[y:y + window, x:x + window] = scores       # overlaps overwrite
+            crop = image[y : y + window, x : x + window]
+            scores = model.predict(crop[None], verbose=0)[0]  # one predict per window
+            heatmap[y : y + window, x : x + window] = scores  # overlaps overwrite
             count += 1
     return heatmap, count
 

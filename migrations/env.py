@@ -4,11 +4,10 @@
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import pool
 
 from shared.database import get_engine
-from shared.models import Base
 from shared.settings import get_settings
+from shared.tables import Base
 
 config = context.config
 if config.config_file_name is not None and not config.attributes.get("skip_logging"):
@@ -22,8 +21,7 @@ def database_url() -> str:
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=database_url(), target_metadata=target_metadata, literal_binds=True,
-                      render_as_batch=True)
+    context.configure(url=database_url(), target_metadata=target_metadata, literal_binds=True, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()
 

@@ -36,8 +36,9 @@ class Service:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         out = open(self.log_path, "ab") if quiet else None
-        self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT if quiet else None,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT if quiet else None, start_new_session=True
+        )
 
     def stop(self, timeout: float = 30) -> None:
         if self.process.poll() is None:
@@ -65,11 +66,46 @@ def start_stack(stack: ExitStack, port: int, quiet: bool) -> tuple[str, Settings
     print(f"storage    {settings.resolved_storage_url}")
     log_dir = data_dir / "logs"
     log_dir.mkdir(exist_ok=True)
-    worker = Service("worker", [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker", "--pool=prefork",
-                                "--concurrency=1", "-Q", settings.queue_name, "--loglevel=INFO"], env, log_dir, quiet)
+    worker = Service(
+        "worker",
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.tasks",
+            "worker",
+            "--pool=prefork",
+            "--concurrency=1",
+            "-Q",
+            settings.queue_name,
+            "--loglevel=INFO",
+        ],
+        env,
+        log_dir,
+        quiet,
+    )
     stack.callback(worker.stop)
-    api = Service("api", [sys.executable, "-m", "gunicorn", "-w", "2", "--threads", "4", "-b", f"127.0.0.1:{port}",
-                          "--access-logfile", "-", "api:create_app()"], env, log_dir, quiet)
+    api = Service(
+        "api",
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-w",
+            "2",
+            "--threads",
+            "4",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--access-logfile",
+            "-",
+            "api:create_app()",
+        ],
+        env,
+        log_dir,
+        quiet,
+    )
     stack.callback(api.stop)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -104,7 +140,7 @@ def serve(port: int) -> int:
 def demo(port: int) -> int:
     from tqdm import tqdm
 
-    from worker.scenes import generate_scene
+    from shapes.scenes import generate_scene
 
     with ExitStack() as stack:
         base, settings = start_stack(stack, port, quiet=True)
@@ -114,9 +150,12 @@ def demo(port: int) -> int:
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="PNG")
         print(f"scene      4096x3072 with {len(objects)} objects at known places")
-        response = requests.post(f"{base}/api/v1/jobs", files={"image": ("scene.png", buffer.getvalue(), "image/png")},
-                                 data={"model": "shapes", "mode": "direct", "classes": "circle,square,triangle,cross"},
-                                 timeout=60)
+        response = requests.post(
+            f"{base}/api/v1/jobs",
+            files={"image": ("scene.png", buffer.getvalue(), "image/png")},
+            data={"model": "shapes", "mode": "direct", "classes": "circle,square,triangle,cross"},
+            timeout=60,
+        )
         if response.status_code != 202:
             raise SystemExit(f"submission refused: {response.status_code} {response.text}")
         job_url = base + response.headers["Location"]
@@ -132,11 +171,16 @@ def demo(port: int) -> int:
             raise SystemExit(f"job {job['status']}: {job.get('error')}")
         result = job["result"]
         folder = Path(settings.resolved_storage_url) / "results" / job["id"]
-        print(f"done       in {result['timings']['total_s']:.1f} s (inference {result['timings']['inference_s']:.1f} s)")
+        print(
+            f"done       in {result['timings']['total_s']:.1f} s (inference {result['timings']['inference_s']:.1f} s)"
+        )
         print(f"heatmaps   {folder / 'heatmap.npz'}  ({base}{result['heatmap_url']})")
         for entry in result["classes"]:
-            print(f"overlay    {entry['name']:<9} {folder / ('overlay_%d.png' % entry['index'])}  "
-                  f"peak at x={entry['peak']['x']}, y={entry['peak']['y']}, max={entry['max']:.3f}")
+            overlay = folder / f"overlay_{entry['index']}.png"
+            print(
+                f"overlay    {entry['name']:<9} {overlay}  "
+                f"peak at x={entry['peak']['x']}, y={entry['peak']['y']}, max={entry['max']:.3f}"
+            )
         found = _check_objects(base, result, objects)
         print(f"objects    {found}/{len(objects)} objects hold a local maximum of their class map")
         print(f"summary    {base}{result['summary_url']}")

@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import re
 import zipfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
-from shared.errors import InputError
+from shared.exceptions import InputError
 
 PREPROCESS_MODES = ("none", "tf", "caffe", "torch")
 BUILTIN_KINDS = ("keras_applications_vgg16",)
@@ -35,8 +35,8 @@ class CatalogError(InputError):
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    kind: str                      # "keras_file" or one of BUILTIN_KINDS
-    path: Path | None              # the model file (keras_file)
+    kind: str  # "keras_file" or one of BUILTIN_KINDS
+    path: Path | None  # the model file (keras_file)
     sidecar: Path
     classes: tuple[str, ...]
     preprocess: str
@@ -64,7 +64,9 @@ class ModelInfo:
             if isinstance(item, int) or (isinstance(item, str) and item.strip().isdecimal()):
                 value = int(item)
                 if not 0 <= value < len(self.classes):
-                    raise CatalogError("unknown_class", f"class index {value} is out of range 0..{len(self.classes) - 1}")
+                    raise CatalogError(
+                        "unknown_class", f"class index {value} is out of range 0..{len(self.classes) - 1}"
+                    )
             else:
                 name = str(item).strip()
                 if name not in index:
@@ -127,9 +129,16 @@ def load_sidecar(sidecar: Path) -> ModelInfo:
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
         raise CatalogError("invalid_model", f"{sidecar}: 'input_size' [h, w] is required for this model")
     return ModelInfo(
-        name=name, kind=kind, path=path, sidecar=sidecar, classes=tuple(classes), preprocess=preprocess,
-        input_size=(int(size[0]), int(size[1])), output_stride=meta.get("output_stride"),
-        description=str(meta.get("description", "")), extra=meta,
+        name=name,
+        kind=kind,
+        path=path,
+        sidecar=sidecar,
+        classes=tuple(classes),
+        preprocess=preprocess,
+        input_size=(int(size[0]), int(size[1])),
+        output_stride=meta.get("output_stride"),
+        description=str(meta.get("description", "")),
+        extra=meta,
     )
 
 

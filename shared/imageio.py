@@ -42,13 +42,14 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageFile
 
-from shared.errors import InputError
+from shared.exceptions import InputError
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -227,9 +228,7 @@ def _with_stream(source: Any, fn: Callable[[IO[bytes]], Any]) -> Any:
             pass
 
 
-def _open_checked(
-    fp: IO[bytes], *, max_pixels: int, min_size: tuple[int, int] | None
-) -> _Opened:
+def _open_checked(fp: IO[bytes], *, max_pixels: int, min_size: tuple[int, int] | None) -> _Opened:
     head = fp.read(512)
     if isinstance(head, str):
         raise TypeError("source file object must be opened in binary mode")

@@ -6,11 +6,12 @@ No TensorFlow here: checks use the model's catalogue entry (classes, native wind
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from shared.catalog import CatalogError, ModelInfo
-from shared.errors import InputError
+from shared.exceptions import InputError
 
 MODES = ("direct", "tiled")
 WEIGHTINGS = ("mean", "gaussian")
@@ -28,12 +29,12 @@ class JobParams:
 
     model: str
     mode: str = "direct"
-    stride: int | None = None          # tiled mode only; default half the window
-    batch_size: int = 32               # tiled mode: windows per forward call
+    stride: int | None = None  # tiled mode only; default half the window
+    batch_size: int = 32  # tiled mode: windows per forward call
     top_k: int | None = DEFAULT_TOP_K  # used when class_indices is None
     class_indices: tuple[int, ...] | None = None
-    memory_budget_mb: int = 1024       # direct mode: bound for one tile's activations
-    weighting: str = "mean"            # blending of overlapping windows in the overlays
+    memory_budget_mb: int = 1024  # direct mode: bound for one tile's activations
+    weighting: str = "mean"  # blending of overlapping windows in the overlays
     overlay_max_side: int = 1024
 
     def to_json(self) -> dict[str, Any]:
@@ -42,7 +43,7 @@ class JobParams:
         return data
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "JobParams":
+    def from_json(cls, data: Mapping[str, Any]) -> JobParams:
         values = dict(data)
         if values.get("class_indices") is not None:
             values["class_indices"] = tuple(values["class_indices"])
@@ -77,8 +78,14 @@ def _class_list(value: Any) -> list[str | int]:
     return items
 
 
-def validate_params(raw: Mapping[str, Any], info: ModelInfo, *, max_batch_size: int = 256,
-                    max_top_k: int = 20, memory_budget_mb: int = 1024) -> JobParams:
+def validate_params(
+    raw: Mapping[str, Any],
+    info: ModelInfo,
+    *,
+    max_batch_size: int = 256,
+    max_top_k: int = 20,
+    memory_budget_mb: int = 1024,
+) -> JobParams:
     """Check raw (form or CLI) values against the model; raise ParameterError on the first problem."""
     mode = raw.get("mode") or "direct"
     if mode not in MODES:
@@ -87,7 +94,9 @@ def validate_params(raw: Mapping[str, Any], info: ModelInfo, *, max_batch_size: 
     stride = raw.get("stride")
     if stride not in (None, ""):
         if mode != "tiled":
-            raise ParameterError("invalid_parameter", "stride applies to mode=tiled; direct mode uses the network's own stride")
+            raise ParameterError(
+                "invalid_parameter", "stride applies to mode=tiled; direct mode uses the network's own stride"
+            )
         stride = _integer("stride", stride, 1, min(window))
     else:
         stride = None
@@ -112,5 +121,13 @@ def validate_params(raw: Mapping[str, Any], info: ModelInfo, *, max_batch_size: 
         raise ParameterError("invalid_parameter", f"weighting must be one of {', '.join(WEIGHTINGS)}")
     budget = raw.get("memory_budget_mb")
     budget = memory_budget_mb if budget in (None, "") else _integer("memory_budget_mb", budget, 64, 1 << 20)
-    return JobParams(model=info.name, mode=mode, stride=stride, batch_size=batch_size, top_k=top_k,
-                     class_indices=class_indices, memory_budget_mb=budget, weighting=weighting)
+    return JobParams(
+        model=info.name,
+        mode=mode,
+        stride=stride,
+        batch_size=batch_size,
+        top_k=top_k,
+        class_indices=class_indices,
+        memory_budget_mb=budget,
+        weighting=weighting,
+    )

@@ -61,5 +61,4 @@ def send_job(settings: Settings, job_id: str) -> None:
     """Publish the job id. Raises on broker failure; the caller keeps the row `queued`
     and the reconciler re-sends it later."""
     app = celery_for(settings)
-    app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=settings.queue_name,
-                  retry=False)
+    app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=settings.queue_name, retry=False)

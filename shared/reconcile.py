@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from shared import jobs
+from shared import job_store
 from shared.database import session_scope
 from shared.queue import send_job
 from shared.settings import Settings, get_settings
@@ -44,9 +44,13 @@ def reconcile_once(settings: Settings, storage: Storage | None = None) -> PassRe
     report = PassReport()
     url = settings.resolved_database_url
     with session_scope(url) as session:
-        report.requeued, report.failed = jobs.rescue_stale(session, settings.stale_after_s, settings.job_max_attempts)
+        report.requeued, report.failed = job_store.rescue_stale(
+            session, settings.stale_after_s, settings.job_max_attempts
+        )
     with session_scope(url) as session:
-        to_send = list(dict.fromkeys(report.requeued + jobs.queued_to_send(session, settings.requeue_queued_after_s)))
+        to_send = list(
+            dict.fromkeys(report.requeued + job_store.queued_to_send(session, settings.requeue_queued_after_s))
+        )
     for job_id in to_send:
         try:
             send_job(settings, job_id)
@@ -55,17 +59,22 @@ def reconcile_once(settings: Settings, storage: Storage | None = None) -> PassRe
             log.warning("could not send job %s: %s", job_id, exc)
             break
         with session_scope(url) as session:
-            jobs.mark_enqueued(session, job_id)
+            job_store.mark_enqueued(session, job_id)
         report.sent.append(job_id)
     storage = storage or Storage(settings.resolved_storage_url)
     with session_scope(url) as session:
-        for job in jobs.expired(session, settings.retention_hours):
+        for job in job_store.expired(session, settings.retention_hours):
             delete_job_files(storage, job.id)
-            if jobs.delete_finished(session, job.id):
+            if job_store.delete_finished(session, job.id):
                 report.deleted.append(job.id)
     if report.requeued or report.failed or report.sent or report.deleted:
-        log.info("reconcile: requeued=%d failed=%d sent=%d deleted=%d", len(report.requeued), len(report.failed),
-                 len(report.sent), len(report.deleted))
+        log.info(
+            "reconcile: requeued=%d failed=%d sent=%d deleted=%d",
+            len(report.requeued),
+            len(report.failed),
+            len(report.sent),
+            len(report.deleted),
+        )
     return report
 
 

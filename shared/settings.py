@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_MODELS_DIR = REPO_ROOT / "models"
@@ -28,14 +28,20 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///DATA_DIR/heatmap.db")
     redis_url: str | None = Field(None, description="Broker and rate-limit store; unset = embedded (dev only).")
     storage_url: str | None = Field(None, description="fsspec URL for uploads and artifacts; default DATA_DIR/storage.")
-    models_dir: Path | None = Field(None, description="Extra folder scanned for user models (<name>.keras + <name>.json).")
+    models_dir: Path | None = Field(
+        None, description="Extra folder scanned for user models (<name>.keras + <name>.json)."
+    )
     vgg16_weights: Path | None = Field(None, description="Explicit path of VGG16 ImageNet weights (.h5).")
     default_model: str = "shapes"
     queue_name: str = "heatmaps"
 
     # --- limits --------------------------------------------------------------------------
     max_upload_mb: float = Field(512, gt=0, description="Largest accepted upload (413 above).")
-    max_form_memory_kb: int = Field(512, ge=128, description="Largest non-file form field (413 above); werkzeug reads 64 KiB chunks, so at least 128.")
+    max_form_memory_kb: int = Field(
+        512,
+        ge=128,
+        description="Largest non-file form field (413 above); werkzeug reads 64 KiB chunks, so at least 128.",
+    )
     max_form_parts: int = Field(64, gt=0, description="Most multipart parts in one request (413 above).")
     max_image_pixels: int = Field(200_000_000, gt=0, description="Refused from the header, before decoding.")
     memory_budget_mb: int = Field(1024, gt=0, description="Direct mode splits the image to stay under this.")
@@ -45,7 +51,9 @@ class Settings(BaseSettings):
     # --- access control ------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated 'name:sha256hex' entries (see `python -m shared.security hash NAME`). Empty = open mode.",
+        description=(
+            "Comma-separated 'name:sha256hex' entries (see `python -m shared.security hash NAME`). Empty = open mode."
+        ),
     )
     rate_limit_per_minute: int = Field(60, ge=0, description="Submissions per key per minute; 0 = unlimited.")
     max_active_jobs_per_key: int = Field(50, ge=0, description="Queued+running jobs per key; 0 = unlimited.")

@@ -13,8 +13,9 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem

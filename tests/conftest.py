@@ -71,7 +71,7 @@ def png_bytes(array: np.ndarray, fmt: str = "PNG", **save) -> bytes:
 
 
 def scene_png(width: int = 320, height: int = 256, seed: int = 0, n_objects: int = 1) -> tuple[bytes, list]:
-    from worker.scenes import generate_scene
+    from shapes.scenes import generate_scene
 
     image, objects = generate_scene(width, height, n_objects=n_objects, seed=seed)
     return png_bytes(image), objects
@@ -87,9 +87,13 @@ class Stack:
         values = dict(FAST_LIFECYCLE)
         values.update(overrides)
         self.settings = Settings(
-            data_dir=tmp_path / "data", database_url=database_url, redis_url=redis.url,
-            storage_url=str(tmp_path / "storage"), queue_name=f"q-{uuid.uuid4().hex[:8]}",
-            api_keys=[f"{name}:{hash_api_key(key)}" for name, key in KEYS.items()], **values,
+            data_dir=tmp_path / "data",
+            database_url=database_url,
+            redis_url=redis.url,
+            storage_url=str(tmp_path / "storage"),
+            queue_name=f"q-{uuid.uuid4().hex[:8]}",
+            api_keys=[f"{name}:{hash_api_key(key)}" for name, key in KEYS.items()],
+            **values,
         )
         self.workers: list[subprocess.Popen] = []
         self._app = None
@@ -120,16 +124,38 @@ class Stack:
             client.environ_base["HTTP_X_API_KEY"] = KEYS.get(key, key)
         return client
 
-    def start_worker(self, name: str | None = None, wait: bool = True, reconciler: bool = True, preexec_fn=None,
-                     **env) -> subprocess.Popen:
+    def start_worker(
+        self, name: str | None = None, wait: bool = True, reconciler: bool = True, preexec_fn=None, **env
+    ) -> subprocess.Popen:
         name = name or f"w{len(self.workers) + 1}"
         log = open(self.tmp_path / f"{name}.log", "ab")
-        cmd = [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker", "--pool=prefork", "--concurrency=1",
-               "-Q", self.settings.queue_name, "--hostname", f"{name}@%h", "--loglevel=INFO",
-               "--without-gossip", "--without-mingle", "--without-heartbeat"]
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=self.env(WORKER_NAME=name,
-                                WORKER_RECONCILER="1" if reconciler else "0", **env),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec_fn)
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.tasks",
+            "worker",
+            "--pool=prefork",
+            "--concurrency=1",
+            "-Q",
+            self.settings.queue_name,
+            "--hostname",
+            f"{name}@%h",
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=self.env(WORKER_NAME=name, WORKER_RECONCILER="1" if reconciler else "0", **env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=preexec_fn,
+        )
         proc.name = name  # type: ignore[attr-defined]
         proc.log_path = self.tmp_path / f"{name}.log"  # type: ignore[attr-defined]
         self.workers.append(proc)
@@ -184,13 +210,14 @@ class Stack:
         return client.post("/api/v1/jobs", data=data, headers=headers or {}, content_type="multipart/form-data")
 
     def job_row(self, job_id: str):
-        from shared import jobs
+        from shared import job_store
 
         with session_scope(self.settings.resolved_database_url) as session:
-            return jobs.get_job(session, job_id)
+            return job_store.get_job(session, job_id)
 
-    def wait_for(self, client, job_id: str, statuses=("succeeded", "failed", "canceled"), timeout: float = 120.0,
-                 predicate=None) -> dict:
+    def wait_for(
+        self, client, job_id: str, statuses=("succeeded", "failed", "canceled"), timeout: float = 120.0, predicate=None
+    ) -> dict:
         deadline = time.monotonic() + timeout
         body = None
         while time.monotonic() < deadline:

@@ -11,9 +11,9 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import KEYS, png_bytes
 from PIL import Image
 
-from conftest import KEYS, png_bytes
 from shared.settings import REPO_ROOT
 
 RNG = np.random.default_rng(0)
@@ -31,7 +31,7 @@ def _job_count(app):
     from sqlalchemy import func, select
 
     from shared.database import session_scope
-    from shared.models import Job
+    from shared.tables import Job
 
     with session_scope(app.config["HEATMAP_SETTINGS"].resolved_database_url) as session:
         return session.scalar(select(func.count()).select_from(Job))
@@ -39,7 +39,7 @@ def _job_count(app):
 
 def _post(client, files=None, data=None, **kwargs):
     payload = dict(data or {})
-    for name, value in (files or []):
+    for name, value in files or []:
         payload.setdefault(name, [])
         payload[name].append(value)
     return client.post("/api/v1/jobs", data=payload, content_type="multipart/form-data", **kwargs)
@@ -50,7 +50,9 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    )
 
 
 def _gif_frames() -> bytes:
@@ -70,10 +72,16 @@ BAD_IMAGES = {
     "html_as_png": (b"<!doctype html><html><body>hi</body></html>", 415, "unsupported_format"),
     "pdf": (b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", 415, "unsupported_format"),
     "eps": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n", 415, "unsupported_format"),
-    "psd": (b"8BPS\x00\x01" + b"\x00" * 6 + struct.pack(">HIIHH", 3, 100, 100, 8, 3) + b"\x00" * 64, 415,
-            "unsupported_format"),
-    "svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"><rect/></svg>', 415,
-            "unsupported_format"),
+    "psd": (
+        b"8BPS\x00\x01" + b"\x00" * 6 + struct.pack(">HIIHH", 3, 100, 100, 8, 3) + b"\x00" * 64,
+        415,
+        "unsupported_format",
+    ),
+    "svg": (
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"><rect/></svg>',
+        415,
+        "unsupported_format",
+    ),
     "gif_frames": (_gif_frames(), 415, "unsupported_format"),
     "bomb_png_header": (_png_header_only(50_000, 50_000), 413, "too_many_pixels"),
     "too_small": (png_bytes(RNG.integers(0, 255, (40, 300, 3), dtype=np.uint8)), 422, "image_too_small"),
@@ -104,27 +112,30 @@ def test_pixel_limit_is_exact(tmp_path, redis_server):
     stack.close()
 
 
-@pytest.mark.parametrize("form, code", [
-    ({"model": "nope"}, "unknown_model"),
-    ({"classes": "circle,unicorn"}, "unknown_class"),
-    ({"classes": "99"}, "unknown_class"),
-    ({"mode": "foo"}, "invalid_parameter"),
-    ({"mode": "tiled", "stride": "0"}, "invalid_parameter"),
-    ({"mode": "tiled", "stride": "-8"}, "invalid_parameter"),
-    ({"mode": "tiled", "stride": "100000"}, "invalid_parameter"),
-    ({"mode": "tiled", "stride": "abc"}, "invalid_parameter"),
-    ({"mode": "tiled", "stride": "1e3"}, "invalid_parameter"),
-    ({"stride": "16"}, "invalid_parameter"),  # stride is for tiled mode
-    ({"mode": "tiled", "batch_size": "0"}, "invalid_parameter"),
-    ({"mode": "tiled", "batch_size": "-1"}, "invalid_parameter"),
-    ({"mode": "tiled", "batch_size": "99999999"}, "invalid_parameter"),
-    ({"top_k": "0"}, "invalid_parameter"),
-    ({"top_k": "-3"}, "invalid_parameter"),
-    ({"top_k": "1000000"}, "invalid_parameter"),
-    ({"top_k": "2", "classes": "circle"}, "invalid_parameter"),
-    ({"weighting": "median"}, "invalid_parameter"),
-    ({"colour": "red"}, "unexpected_field"),
-])
+@pytest.mark.parametrize(
+    "form, code",
+    [
+        ({"model": "nope"}, "unknown_model"),
+        ({"classes": "circle,unicorn"}, "unknown_class"),
+        ({"classes": "99"}, "unknown_class"),
+        ({"mode": "foo"}, "invalid_parameter"),
+        ({"mode": "tiled", "stride": "0"}, "invalid_parameter"),
+        ({"mode": "tiled", "stride": "-8"}, "invalid_parameter"),
+        ({"mode": "tiled", "stride": "100000"}, "invalid_parameter"),
+        ({"mode": "tiled", "stride": "abc"}, "invalid_parameter"),
+        ({"mode": "tiled", "stride": "1e3"}, "invalid_parameter"),
+        ({"stride": "16"}, "invalid_parameter"),  # stride is for tiled mode
+        ({"mode": "tiled", "batch_size": "0"}, "invalid_parameter"),
+        ({"mode": "tiled", "batch_size": "-1"}, "invalid_parameter"),
+        ({"mode": "tiled", "batch_size": "99999999"}, "invalid_parameter"),
+        ({"top_k": "0"}, "invalid_parameter"),
+        ({"top_k": "-3"}, "invalid_parameter"),
+        ({"top_k": "1000000"}, "invalid_parameter"),
+        ({"top_k": "2", "classes": "circle"}, "invalid_parameter"),
+        ({"weighting": "median"}, "invalid_parameter"),
+        ({"colour": "red"}, "unexpected_field"),
+    ],
+)
 def test_bad_parameters(app, client, form, code):
     response = _post(client, files=[("image", (io.BytesIO(GOOD), "a.png"))], data=form)
     assert response.status_code == 400, response.json
@@ -169,8 +180,9 @@ def test_client_filenames_never_become_storage_names(app, client, filename):
     assert response.status_code == 202, response.json
     files = _storage_files(app)
     job_id = response.json["id"]
-    assert [p.relative_to(app.extensions["heatmaps"].storage.root).as_posix() for p in files] == \
-        [f"uploads/{job_id}/image.png"]
+    assert [p.relative_to(app.extensions["heatmaps"].storage.root).as_posix() for p in files] == [
+        f"uploads/{job_id}/image.png"
+    ]
 
 
 def test_special_image_kinds_are_accepted(app, client):
@@ -178,8 +190,14 @@ def test_special_image_kinds_are_accepted(app, client):
     cmyk = Image.fromarray(RNG.integers(0, 255, (96, 96, 3), dtype=np.uint8)).convert("CMYK")
     palette = Image.fromarray(RNG.integers(0, 255, (96, 96, 3), dtype=np.uint8)).convert("P")
     alpha = Image.fromarray(RNG.integers(0, 255, (96, 96, 4), dtype=np.uint8), "RGBA")
-    for image, fmt in [(gray16, "PNG"), (gray16, "TIFF"), (cmyk, "JPEG"), (cmyk, "TIFF"), (palette, "PNG"),
-                       (alpha, "PNG")]:
+    for image, fmt in [
+        (gray16, "PNG"),
+        (gray16, "TIFF"),
+        (cmyk, "JPEG"),
+        (cmyk, "TIFF"),
+        (palette, "PNG"),
+        (alpha, "PNG"),
+    ]:
         buffer = io.BytesIO()
         image.save(buffer, format=fmt)
         response = _post(client, files=[("image", (io.BytesIO(buffer.getvalue()), "img"))])
@@ -215,8 +233,9 @@ def test_open_mode_when_no_keys(tmp_path, redis_server, caplog):
 def test_rate_limit_and_quota(tmp_path, redis_server):
     from conftest import Stack, make_database
 
-    stack = Stack(tmp_path, make_database("sqlite", tmp_path), redis_server, rate_limit_per_minute=2,
-                  max_active_jobs_per_key=50)
+    stack = Stack(
+        tmp_path, make_database("sqlite", tmp_path), redis_server, rate_limit_per_minute=2, max_active_jobs_per_key=50
+    )
     client = stack.client("alice")
     codes = [stack.submit(client, GOOD).status_code for _ in range(3)]
     assert codes[:2] == [202, 202]
@@ -237,30 +256,45 @@ def test_openapi_document(client):
     spec = client.get("/api/v1/openapi.json").json
     assert spec["openapi"].startswith("3.")
     paths = spec["paths"]
-    for path in ["/api/v1/jobs", "/api/v1/jobs/{job_id}", "/api/v1/jobs/{job_id}/heatmap",
-                 "/api/v1/jobs/{job_id}/summary", "/api/v1/jobs/{job_id}/overlays/{class_name}", "/api/v1/models"]:
+    for path in [
+        "/api/v1/jobs",
+        "/api/v1/jobs/{job_id}",
+        "/api/v1/jobs/{job_id}/heatmap",
+        "/api/v1/jobs/{job_id}/summary",
+        "/api/v1/jobs/{job_id}/overlays/{class_name}",
+        "/api/v1/models",
+    ]:
         assert path in paths
     assert "multipart/form-data" in paths["/api/v1/jobs"]["post"]["requestBody"]["content"]
     assert client.get("/api/v1/docs").status_code == 200
 
 
 def test_importing_the_api_does_not_load_tensorflow():
-    code = ("import sys; from api import create_app; from shared.settings import Settings; "
-            "create_app(Settings(data_dir='/tmp/heatmaps-import-check')); import shared.reconcile, shared.jobs; "
-            "bad = [m for m in ('tensorflow', 'keras', 'torch', 'jax') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys; from api import create_app; from shared.settings import Settings; "
+        "create_app(Settings(data_dir='/tmp/heatmaps-import-check')); import importlib, pkgutil, shared, api; "
+        "[importlib.import_module(m.name) for p in (shared, api) "
+        "for m in pkgutil.iter_modules(p.__path__, p.__name__ + '.')]; "
+        "bad = [m for m in ('tensorflow', 'keras', 'torch', 'jax') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_database_down_is_503_never_500(tmp_path, redis_server):
     from conftest import Stack
+
     from shared.embedded_redis import free_port
 
     stack = Stack(tmp_path, f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nowhere", redis_server)
     client = stack.client()
-    for response in (client.get("/api/v1/jobs"), client.get(f"/api/v1/jobs/{'0' * 32}"),
-                     _post(client, files=[("image", (io.BytesIO(GOOD), "a.png"))]), client.get("/readyz")):
+    for response in (
+        client.get("/api/v1/jobs"),
+        client.get(f"/api/v1/jobs/{'0' * 32}"),
+        _post(client, files=[("image", (io.BytesIO(GOOD), "a.png"))]),
+        client.get("/readyz"),
+    ):
         assert response.status_code == 503, response.json
         assert response.json["error"]["code"] in ("database_unavailable", "not_ready")
     assert _storage_files(stack.app) == []  # the refused upload was not kept

@@ -10,7 +10,6 @@ import signal
 import time
 
 import pytest
-
 from conftest import scene_png
 
 pytestmark = pytest.mark.slow
@@ -51,9 +50,11 @@ def test_backlog_with_a_worker_killed_twice(fresh_stack):
     commits = {job_id: logs.count(f"job {job_id} succeeded") for job_id in ids}
     duplicated = sum(1 for count in commits.values() if count > 1)
     rerun = sum(1 for r in rows if r.attempts > 1)
-    print(f"\nbacklog: submitted={JOBS} succeeded={statuses.get('succeeded', 0)} "
-          f"lost={JOBS - sum(statuses.values())} failed={statuses.get('failed', 0)} duplicated={duplicated} "
-          f"re-run after a kill={rerun} worker kills={kills} wall={elapsed:.1f}s")
+    print(
+        f"\nbacklog: submitted={JOBS} succeeded={statuses.get('succeeded', 0)} "
+        f"lost={JOBS - sum(statuses.values())} failed={statuses.get('failed', 0)} duplicated={duplicated} "
+        f"re-run after a kill={rerun} worker kills={kills} wall={elapsed:.1f}s"
+    )
     assert statuses == {"succeeded": JOBS}
     assert duplicated == 0
     assert all(count == 1 for count in commits.values())

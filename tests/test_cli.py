@@ -29,14 +29,16 @@ CLASSES = ["sky", "sea", "sand"]
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli")
     keras.utils.set_random_seed(31)
-    model = keras.Sequential([
-        keras.Input((32, 32, 3)),
-        layers.Conv2D(6, 3, activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.Conv2D(6, 3, activation="relu"),
-        layers.GlobalAveragePooling2D(),
-        layers.Dense(len(CLASSES), activation="softmax"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            layers.Conv2D(6, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(6, 3, activation="relu"),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(len(CLASSES), activation="softmax"),
+        ]
+    )
     model.save(folder / "beach.keras")
     (folder / "beach.json").write_text(json.dumps({"classes": CLASSES, "preprocess": "tf"}))
     image = folder / "photo.png"
@@ -52,14 +54,36 @@ def cli_env(data_dir: Path) -> dict:
 
 
 def cli(args, data_dir, **kwargs):
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=cli_env(data_dir),
-                          capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        cwd=ROOT,
+        env=cli_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
 
 
 def test_infer_tiled_subprocess(files, tmp_path):
     out = tmp_path / "out"
-    result = cli(["infer", str(files / "photo.png"), "--model", str(files / "beach.keras"), "--mode", "tiled",
-                  "--stride", "8", "--top-k", "2", "--out", str(out)], tmp_path)
+    result = cli(
+        [
+            "infer",
+            str(files / "photo.png"),
+            "--model",
+            str(files / "beach.keras"),
+            "--mode",
+            "tiled",
+            "--stride",
+            "8",
+            "--top-k",
+            "2",
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     assert printed["out"] == str(out)
@@ -87,10 +111,29 @@ def test_progress_bar_drawn_on_a_terminal(files, tmp_path):
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "infer", str(files / "photo.png"), "--model",
-             str(files / "beach.keras"), "--mode", "tiled", "--stride", "4", "--batch-size", "4",
-             "--out", str(tmp_path / "out")],
-            cwd=ROOT, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "worker.cli",
+                "infer",
+                str(files / "photo.png"),
+                "--model",
+                str(files / "beach.keras"),
+                "--mode",
+                "tiled",
+                "--stride",
+                "4",
+                "--batch-size",
+                "4",
+                "--out",
+                str(tmp_path / "out"),
+            ],
+            cwd=ROOT,
+            env=cli_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            stdin=subprocess.DEVNULL,
+        )
         os.close(slave)
         chunks = []
         while True:
@@ -109,13 +152,17 @@ def test_progress_bar_drawn_on_a_terminal(files, tmp_path):
     assert "%|" in terminal and "batch" in terminal
 
 
-@pytest.mark.parametrize("extra,code", [
-    (["--mode", "tiled", "--stride", "0"], "invalid_parameter"),
-])
+@pytest.mark.parametrize(
+    "extra,code",
+    [
+        (["--mode", "tiled", "--stride", "0"], "invalid_parameter"),
+    ],
+)
 def test_bad_parameters_exit_2_subprocess(files, tmp_path, extra, code):
     out = tmp_path / "out"
-    result = cli(["infer", str(files / "photo.png"), "--model", str(files / "beach.keras"), *extra,
-                  "--out", str(out)], tmp_path)
+    result = cli(
+        ["infer", str(files / "photo.png"), "--model", str(files / "beach.keras"), *extra, "--out", str(out)], tmp_path
+    )
     assert result.returncode == 2
     assert f"error: {code}" in result.stderr
     assert "Traceback" not in result.stderr
@@ -123,6 +170,7 @@ def test_bad_parameters_exit_2_subprocess(files, tmp_path, extra, code):
 
 
 # In-process runs of main() for the remaining error paths (no interpreter start-up per case).
+
 
 @pytest.fixture
 def main(monkeypatch, tmp_path):
@@ -138,19 +186,31 @@ def main(monkeypatch, tmp_path):
     get_settings.cache_clear()
 
 
-@pytest.mark.parametrize("extra,code", [
-    (["--mode", "tiled", "--stride", "-8"], "invalid_parameter"),
-    (["--mode", "tiled", "--stride", "33"], "invalid_parameter"),
-    (["--mode", "tiled", "--batch-size", "0"], "invalid_parameter"),
-    (["--top-k", "0"], "invalid_parameter"),
-    (["--memory-budget-mb", "1"], "invalid_parameter"),
-    (["--mode", "direct", "--stride", "8"], "invalid_parameter"),
-    (["--classes", "7"], "unknown_class"),
-    (["--classes", "sky,kiwi"], "unknown_class"),
-])
+@pytest.mark.parametrize(
+    "extra,code",
+    [
+        (["--mode", "tiled", "--stride", "-8"], "invalid_parameter"),
+        (["--mode", "tiled", "--stride", "33"], "invalid_parameter"),
+        (["--mode", "tiled", "--batch-size", "0"], "invalid_parameter"),
+        (["--top-k", "0"], "invalid_parameter"),
+        (["--memory-budget-mb", "1"], "invalid_parameter"),
+        (["--mode", "direct", "--stride", "8"], "invalid_parameter"),
+        (["--classes", "7"], "unknown_class"),
+        (["--classes", "sky,kiwi"], "unknown_class"),
+    ],
+)
 def test_bad_parameters_exit_2(files, tmp_path, main, capsys, extra, code):
-    rc = main(["infer", str(files / "photo.png"), "--model", str(files / "beach.keras"), *extra,
-               "--out", str(tmp_path / "out")])
+    rc = main(
+        [
+            "infer",
+            str(files / "photo.png"),
+            "--model",
+            str(files / "beach.keras"),
+            *extra,
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 2
     assert f"error: {code}:" in capsys.readouterr().err
 
@@ -175,8 +235,9 @@ def test_image_errors_exit_2(files, tmp_path, main, capsys):
 
 
 def test_missing_image_exit_2(files, tmp_path, main, capsys):
-    rc = main(["infer", str(tmp_path / "nope.png"), "--model", str(files / "beach.keras"),
-               "--out", str(tmp_path / "out")])
+    rc = main(
+        ["infer", str(tmp_path / "nope.png"), "--model", str(files / "beach.keras"), "--out", str(tmp_path / "out")]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ")
@@ -185,8 +246,18 @@ def test_missing_image_exit_2(files, tmp_path, main, capsys):
 
 def test_argparse_rejects_non_numeric(files, tmp_path, main, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["infer", str(files / "photo.png"), "--model", str(files / "beach.keras"), "--stride", "eight",
-              "--out", str(tmp_path / "out")])
+        main(
+            [
+                "infer",
+                str(files / "photo.png"),
+                "--model",
+                str(files / "beach.keras"),
+                "--stride",
+                "eight",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
 

@@ -122,6 +122,7 @@ SETTINGS_NAMES = {name.upper() for name in Settings.model_fields}
 
 # --- compose ---------------------------------------------------------------------------------
 
+
 def test_no_version_key_and_expected_services(compose, services):
     assert "version" not in compose
     assert set(services) == EXPECTED_SERVICES
@@ -150,8 +151,9 @@ def test_postgres(compose, services):
     # The app's DATABASE_URL points at this server with these credentials.
     url = resolved_env(services["api"])["DATABASE_URL"]
     pg = {k: interpolate(v) for k, v in env.items()}
-    assert url == (f"postgresql+psycopg://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}"
-                   f"@postgres:5432/{pg['POSTGRES_DB']}")
+    assert url == (
+        f"postgresql+psycopg://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}"
+    )
 
 
 def test_migrate_runs_once_from_the_api_image(services):
@@ -202,8 +204,12 @@ def test_worker_is_scalable_gpu_worker(services):
     assert "--pool=prefork" in command and "--concurrency=1" in command
     assert command[command.index("-Q") + 1] == Settings.model_fields["queue_name"].default == "heatmaps"
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) and
-               (d.get("count") == 1 or d.get("device_ids")) for d in devices)
+    assert any(
+        d.get("driver") == "nvidia"
+        and "gpu" in d.get("capabilities", [])
+        and (d.get("count") == 1 or d.get("device_ids"))
+        for d in devices
+    )
     assert "container_name" not in worker
     assert "ports" not in worker
     deps = depends_on(worker)
@@ -222,7 +228,8 @@ def test_flower_watches_the_same_broker(services):
     assert any("5555" in str(p) for p in flower["ports"])
     env = resolved_env(flower)
     broker = env.get("CELERY_BROKER_URL") or next(
-        (c.split("=", 1)[1] for c in command_list(flower) if c.startswith("--broker=")), None)
+        (c.split("=", 1)[1] for c in command_list(flower) if c.startswith("--broker=")), None
+    )
     assert broker == resolved_env(services["worker"])["REDIS_URL"]
 
 
@@ -263,9 +270,21 @@ def test_every_env_var_is_a_setting_or_allowed(services):
 
 def test_common_env_shared_by_app_services(compose, services):
     common = compose["x-common-env"]
-    required = {"DATABASE_URL", "REDIS_URL", "STORAGE_URL", "MODELS_DIR", "API_KEYS", "JOB_MAX_ATTEMPTS",
-                "BROKER_VISIBILITY_TIMEOUT_S", "JOB_TIME_LIMIT_S", "JOB_SOFT_TIME_LIMIT_S",
-                "MEMORY_BUDGET_MB", "RETENTION_HOURS", "MAX_UPLOAD_MB", "MAX_IMAGE_PIXELS"}
+    required = {
+        "DATABASE_URL",
+        "REDIS_URL",
+        "STORAGE_URL",
+        "MODELS_DIR",
+        "API_KEYS",
+        "JOB_MAX_ATTEMPTS",
+        "BROKER_VISIBILITY_TIMEOUT_S",
+        "JOB_TIME_LIMIT_S",
+        "JOB_SOFT_TIME_LIMIT_S",
+        "MEMORY_BUDGET_MB",
+        "RETENTION_HOURS",
+        "MAX_UPLOAD_MB",
+        "MAX_IMAGE_PIXELS",
+    }
     assert required <= set(common)
     assert common["API_KEYS"] == "${API_KEYS:-}"  # empty = open mode
     for name in APP_SERVICES:
@@ -307,6 +326,7 @@ def test_depends_on_targets_exist(services):
 
 
 # --- Dockerfiles -----------------------------------------------------------------------------
+
 
 def _dockerignore_patterns() -> list[str]:
     lines = (line.strip() for line in DOCKERIGNORE.read_text().splitlines())

@@ -19,8 +19,14 @@ pytestmark = pytest.mark.slow
 def test_demo_runs_and_cleans_up(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "STORAGE_URL")}
     env["DATA_DIR"] = str(tmp_path / "data")
-    result = subprocess.run([sys.executable, "scripts/devstack.py", "demo"], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "scripts/devstack.py", "demo"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     found = re.search(r"objects\s+(\d+)/(\d+) objects", out)

@@ -25,6 +25,7 @@ TF = get_preprocess("tf")
 
 # --------------------------------------------------------------------------- helpers
 
+
 def assert_close_scaled(actual, expected, tol=1e-4):
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
@@ -42,8 +43,10 @@ def random_image(height, width, seed=0):
 
 def count_tiles(fcn, height, width, tile_cells):
     cy, cx = fcn.trunk_cells(height, width)
-    return (len(plan_axis(height, fcn.stride[0], fcn.halo[0], cy, tile_cells)),
-            len(plan_axis(width, fcn.stride[1], fcn.halo[1], cx, tile_cells)))
+    return (
+        len(plan_axis(height, fcn.stride[0], fcn.halo[0], cy, tile_cells)),
+        len(plan_axis(width, fcn.stride[1], fcn.halo[1], cx, tile_cells)),
+    )
 
 
 def whole_fcn_pass(fcn, image, preprocess):
@@ -53,30 +56,34 @@ def whole_fcn_pass(fcn, image, preprocess):
 
 def stride4_model(seed=1):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((32, 32, 3)),
-        layers.Conv2D(8, 3, activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.Conv2D(12, 3, activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.Flatten(),
-        layers.Dense(16, activation="relu"),
-        layers.Dense(5),  # logits
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            layers.Conv2D(8, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(12, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Flatten(),
+            layers.Dense(16, activation="relu"),
+            layers.Dense(5),  # logits
+        ]
+    )
 
 
 def same_padded_model(seed=2):
     """'same'-padded strided convolutions (TensorFlow pads them depending on the input size)."""
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((24, 24, 3)),
-        layers.Conv2D(8, 3, strides=2, padding="same", activation="relu"),
-        layers.Conv2D(8, 3, padding="same", activation="relu"),
-        layers.Conv2D(12, 5, strides=2, padding="same", activation="relu"),
-        layers.MaxPooling2D(2, padding="same"),
-        layers.GlobalAveragePooling2D(),
-        layers.Dense(4),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((24, 24, 3)),
+            layers.Conv2D(8, 3, strides=2, padding="same", activation="relu"),
+            layers.Conv2D(8, 3, padding="same", activation="relu"),
+            layers.Conv2D(12, 5, strides=2, padding="same", activation="relu"),
+            layers.MaxPooling2D(2, padding="same"),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(4),
+        ]
+    )
 
 
 def vgg_like_model(seed=3):
@@ -92,6 +99,7 @@ def vgg_like_model(seed=3):
 
 # --------------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module")
 def toy():
     return to_fully_convolutional(stride4_model())
@@ -105,6 +113,7 @@ def toy_whole(toy):
 
 # --------------------------------------------------------------------------- exactness
 
+
 def test_toy_stitched_equals_whole_image(toy, toy_whole):
     image, whole = toy_whole
     assert toy.stride == (4, 4)
@@ -114,7 +123,9 @@ def test_toy_stitched_equals_whole_image(toy, toy_whole):
         tiles = count_tiles(toy, 203, 157, tile_cells)
         assert tiles[0] >= 3 and tiles[1] >= 3, tiles
         calls = []
-        stitched = direct_inference(toy, image, TF, tile_cells=tile_cells, progress=lambda d, t: calls.append(t))
+        stitched = direct_inference(
+            toy, image, TF, tile_cells=tile_cells, progress=lambda d, t, calls=calls: calls.append(t)
+        )
         assert len(calls) == tiles[0] * tiles[1]
         assert stitched.scores.shape == whole.scores.shape == (*toy.output_shape(203, 157), 5)
         assert_close_scaled(stitched.scores, whole.scores, 1e-4)
@@ -167,14 +178,15 @@ def test_vgg_like_517x459_exact():
 def test_mobilenetv2_odd_image_exact():
     """MobileNetV2 has a 'same'-padded stride-2 first convolution and ZeroPadding layers."""
     keras.utils.set_random_seed(6)
-    model = keras.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3), alpha=0.35,
-                                           classifier_activation=None)
+    model = keras.applications.MobileNetV2(
+        weights=None, input_shape=(96, 96, 3), alpha=0.35, classifier_activation=None
+    )
     fcn = to_fully_convolutional(model)
     assert fcn.field.same_strided  # the case this test is about
     height, width, tile_cells = 1003, 941, 6  # larger than one 6-cell tile plus its 256 px halos
     cy, cx = fcn.trunk_cells(height, width)
     spans = (plan_axis(height, 32, fcn.halo[0], cy, tile_cells), plan_axis(width, 32, fcn.halo[1], cx, tile_cells))
-    for axis_spans, length in zip(spans, (height, width)):
+    for axis_spans, length in zip(spans, (height, width), strict=True):
         # Some tiles start inside the image and some end inside it: halos are exercised.
         assert any(s.pixel_start > 0 for s in axis_spans)
         assert any(s.pixel_stop < length for s in axis_spans)
@@ -188,10 +200,22 @@ def test_mobilenetv2_odd_image_exact():
 
 # --------------------------------------------------------------------------- planning
 
-@pytest.mark.parametrize("length,jump,halo,cells_per_tile", [
-    (203, 4, 6, 5), (157, 4, 6, 7), (517, 32, 90, 3), (459, 32, 90, 1), (419, 32, 245, 3), (1003, 32, 245, 6), (4096, 32, 90, 30),
-    (100, 8, 0, 2), (33, 1, 3, 4), (1000, 16, 100, 1000),
-])
+
+@pytest.mark.parametrize(
+    "length,jump,halo,cells_per_tile",
+    [
+        (203, 4, 6, 5),
+        (157, 4, 6, 7),
+        (517, 32, 90, 3),
+        (459, 32, 90, 1),
+        (419, 32, 245, 3),
+        (1003, 32, 245, 6),
+        (4096, 32, 90, 30),
+        (100, 8, 0, 2),
+        (33, 1, 3, 4),
+        (1000, 16, 100, 1000),
+    ],
+)
 def test_plan_axis_covers_every_cell_once(length, jump, halo, cells_per_tile):
     cells_total = length // jump
     spans = plan_axis(length, jump, halo, cells_total, cells_per_tile)
@@ -226,8 +250,8 @@ def test_plan_axis_rejects_non_positive_tile():
 
 def test_tile_cells_for_budget_grows_with_budget_and_fits(toy):
     values = [tile_cells_for_budget(toy, mb, max_tile_pixels=10**12) for mb in (0.05, 0.5, 5, 50)]
-    assert all(a < b for a, b in zip(values, values[1:])), values
-    for mb, cells in zip((0.5, 5, 50), values[1:]):
+    assert all(a < b for a, b in zip(values, values[1:], strict=False)), values
+    for mb, cells in zip((0.5, 5, 50), values[1:], strict=True):
         side = cells * toy.stride[0] + 2 * math.ceil(max(toy.halo) / toy.stride[0]) * toy.stride[0]
         assert side * side * toy.bytes_per_pixel * 3.0 <= mb * 2**20 * 1.0001
     # The pixel cap bounds the tile regardless of the budget.
@@ -237,6 +261,7 @@ def test_tile_cells_for_budget_grows_with_budget_and_fits(toy):
 
 
 # --------------------------------------------------------------------------- grid, progress, errors
+
 
 def test_score_grid_coordinates(toy, toy_whole):
     _, grid = toy_whole

@@ -21,7 +21,7 @@ from shared.imageio import ImageError  # noqa: E402
 from shared.jobspec import ParameterError, validate_params  # noqa: E402
 from worker.artifacts import overlay_size  # noqa: E402
 from worker.engine import run_inference  # noqa: E402
-from worker.models import ModelRegistry  # noqa: E402
+from worker.model_registry import ModelRegistry  # noqa: E402
 from worker.preprocess import get_preprocess  # noqa: E402
 
 CLASSES = ["apple", "banana", "cherry", "date"]
@@ -32,15 +32,18 @@ MAX_PIXELS = 10**8
 def build_model(seed=21):
     """All-'valid' layers: a direct-mode cell equals the classifier on its window exactly."""
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((32, 32, 3)),
-        layers.Conv2D(8, 3, activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.Conv2D(8, 3, activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.GlobalAveragePooling2D(),
-        layers.Dense(len(CLASSES)),
-    ], name="fruit")
+    return keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            layers.Conv2D(8, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(8, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(len(CLASSES)),
+        ],
+        name="fruit",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +92,13 @@ def load_npz(out_dir):
 
 def crops_predict(registry, pixels, rows, cols):
     loaded = registry.load("fruit")
-    crops = np.stack([pixels[r:r + 32, c:c + 32] for r in rows for c in cols])
+    crops = np.stack([pixels[r : r + 32, c : c + 32] for r in rows for c in cols])
     x = loaded.preprocess(crops)
     return loaded.classifier.predict(x, verbose=0).reshape(len(rows), len(cols), -1)
 
 
 # --------------------------------------------------------------------------- happy paths
+
 
 def test_catalog_reads_sidecar_and_keras_input_size(info):
     assert info.classes == tuple(CLASSES)
@@ -161,8 +165,9 @@ def test_artifacts_consistent(registry, info, image_path, pixels, tmp_path, mode
 
 
 def test_overlay_is_downscaled_to_max_side(registry, info, image_path, tmp_path):
-    params = dataclasses.replace(validate_params({"mode": "tiled", "stride": 16, "top_k": 1}, info),
-                                 overlay_max_side=40)
+    params = dataclasses.replace(
+        validate_params({"mode": "tiled", "stride": 16, "top_k": 1}, info), overlay_max_side=40
+    )
     summary = run_inference(image_path, params, registry, tmp_path, max_pixels=MAX_PIXELS)
     height, width = overlay_size(70, 90, 40)
     assert (height, width) == (31, 40)  # longest side = max_side, aspect kept
@@ -183,8 +188,9 @@ def test_top_k_picks_highest_max(registry, info, image_path, tmp_path):
         assert [c["name"] for c in summary["classes"]] == [CLASSES[i] for i in order[:k]]
         maxima = [c["max"] for c in summary["classes"]]
         assert maxima == sorted(maxima, reverse=True)
-        assert sorted(p.name for p in (tmp_path / f"top{k}").glob("overlay_*.png")) == \
-            sorted(f"overlay_{i}.png" for i in order[:k])
+        assert sorted(p.name for p in (tmp_path / f"top{k}").glob("overlay_*.png")) == sorted(
+            f"overlay_{i}.png" for i in order[:k]
+        )
 
 
 def test_explicit_classes_by_name_and_index(registry, info, image_path, tmp_path):
@@ -207,13 +213,20 @@ def test_explicit_classes_by_name_and_index(registry, info, image_path, tmp_path
 def test_progress_reports_reach_total(registry, info, image_path, tmp_path):
     params = validate_params({"mode": "tiled", "stride": 4, "batch_size": 16}, info)
     calls = []
-    run_inference(image_path, params, registry, tmp_path, max_pixels=MAX_PIXELS,
-                  progress=lambda done, total: calls.append((done, total)))
+    run_inference(
+        image_path,
+        params,
+        registry,
+        tmp_path,
+        max_pixels=MAX_PIXELS,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls and calls[-1][0] == calls[-1][1]
     assert [d for d, _ in calls] == list(range(1, len(calls) + 1))
 
 
 # --------------------------------------------------------------------------- errors
+
 
 @pytest.mark.parametrize("classes", ["kiwi", "apple,kiwi", "4", "-1", 17, "\u00b2"])
 def test_unknown_class(info, classes):
@@ -228,31 +241,34 @@ def test_catalog_unknown_class_direct(info):
     assert exc.value.code == "unknown_class"
 
 
-@pytest.mark.parametrize("raw", [
-    {"mode": "tiled", "stride": 0},
-    {"mode": "tiled", "stride": -4},
-    {"mode": "tiled", "stride": "-4"},
-    {"mode": "tiled", "stride": 33},            # larger than the 32-pixel window
-    {"mode": "tiled", "stride": "eight"},
-    {"mode": "tiled", "stride": "8.5"},
-    {"mode": "tiled", "stride": True},
-    {"mode": "tiled", "stride": "--5"},        # was a bare ValueError from int()
-    {"mode": "tiled", "stride": "\u00b2"},     # superscript two: isdigit() but not int()-able
-    {"mode": "tiled", "stride": "-"},
-    {"mode": "tiled", "batch_size": 0},
-    {"mode": "tiled", "batch_size": "abc"},
-    {"mode": "tiled", "batch_size": 10**6},
-    {"top_k": 0},
-    {"top_k": "three"},
-    {"top_k": -1},
-    {"mode": "foo"},
-    {"weighting": "median"},
-    {"memory_budget_mb": "lots"},
-    {"memory_budget_mb": 1},
-    {"mode": "direct", "stride": 8},            # stride is a tiled-mode parameter
-    {"top_k": 2, "classes": "apple"},           # either, not both
-    {"classes": " , "},
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"mode": "tiled", "stride": 0},
+        {"mode": "tiled", "stride": -4},
+        {"mode": "tiled", "stride": "-4"},
+        {"mode": "tiled", "stride": 33},  # larger than the 32-pixel window
+        {"mode": "tiled", "stride": "eight"},
+        {"mode": "tiled", "stride": "8.5"},
+        {"mode": "tiled", "stride": True},
+        {"mode": "tiled", "stride": "--5"},  # was a bare ValueError from int()
+        {"mode": "tiled", "stride": "\u00b2"},  # superscript two: isdigit() but not int()-able
+        {"mode": "tiled", "stride": "-"},
+        {"mode": "tiled", "batch_size": 0},
+        {"mode": "tiled", "batch_size": "abc"},
+        {"mode": "tiled", "batch_size": 10**6},
+        {"top_k": 0},
+        {"top_k": "three"},
+        {"top_k": -1},
+        {"mode": "foo"},
+        {"weighting": "median"},
+        {"memory_budget_mb": "lots"},
+        {"memory_budget_mb": 1},
+        {"mode": "direct", "stride": 8},  # stride is a tiled-mode parameter
+        {"top_k": 2, "classes": "apple"},  # either, not both
+        {"classes": " , "},
+    ],
+)
 def test_invalid_parameters(info, raw):
     with pytest.raises(ParameterError) as exc:
         validate_params(raw, info)
@@ -304,6 +320,7 @@ def test_unknown_model(registry):
 
 
 # --------------------------------------------------------------------------- preprocessing
+
 
 @pytest.fixture(scope="module")
 def batch_uint8():

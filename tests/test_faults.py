@@ -14,7 +14,6 @@ import threading
 import time
 
 import pytest
-
 from conftest import DATABASES, scene_png
 
 pytestmark = pytest.mark.slow
@@ -26,8 +25,13 @@ def long_image() -> bytes:
 
 
 def wait_running(stack, client, job_id, attempts=1, timeout=120):
-    return stack.wait_for(client, job_id, statuses=("running",),
-                          predicate=lambda b: b["attempts"] == attempts and b["progress"] > 0.02, timeout=timeout)
+    return stack.wait_for(
+        client,
+        job_id,
+        statuses=("running",),
+        predicate=lambda b: b["attempts"] == attempts and b["progress"] > 0.02,
+        timeout=timeout,
+    )
 
 
 def assert_consistent(stack, job_id):
@@ -142,8 +146,12 @@ def test_database_unavailable_during_updates_recovers(fresh_stack, database):
             time.sleep(3)
             conn.rollback()
         with engine.connect() as conn:  # drop every other connection to this database
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                              "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
             conn.commit()
         engine.dispose()
     done = stack.wait_for(client, job_id, timeout=180)

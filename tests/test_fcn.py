@@ -16,8 +16,8 @@ layers = keras.layers
 
 from worker.fcn import UnsupportedModelError, receptive_field, to_fully_convolutional  # noqa: E402
 
-
 # --------------------------------------------------------------------------- helpers
+
 
 def assert_close_scaled(actual, expected, tol=1e-5):
     """|actual - expected| <= tol * max|expected| everywhere, on non-degenerate values."""
@@ -44,18 +44,21 @@ def predict(model, x):
 def small_sequential(activation="softmax", classes=5, size=32, seed=1):
     """Conv/MaxPool/Flatten/Dropout/Dense(relu)/Dense head, all 'valid' (stride 4)."""
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((size, size, 3)),
-        layers.Conv2D(8, 3, activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.Conv2D(16, 3, activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.Flatten(),
-        layers.Dropout(0.5),
-        layers.Dense(24, activation="relu"),
-        layers.Dropout(0.25),
-        layers.Dense(classes, activation=activation),
-    ], name=f"small_{activation}")
+    return keras.Sequential(
+        [
+            keras.Input((size, size, 3)),
+            layers.Conv2D(8, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(16, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Flatten(),
+            layers.Dropout(0.5),
+            layers.Dense(24, activation="relu"),
+            layers.Dropout(0.25),
+            layers.Dense(classes, activation=activation),
+        ],
+        name=f"small_{activation}",
+    )
 
 
 def rand(shape, low=-1.0, high=1.0, seed=0):
@@ -63,6 +66,7 @@ def rand(shape, low=-1.0, high=1.0, seed=0):
 
 
 # --------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def vgg16_logits():
@@ -81,13 +85,15 @@ def mobilenet_pair():
     """MobileNetV2 (GAP head) in a softmax and a logits variant with the same weights."""
     keras.utils.set_random_seed(0)
     soft = keras.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3), alpha=0.35)
-    logits = keras.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3), alpha=0.35,
-                                            classifier_activation=None)
+    logits = keras.applications.MobileNetV2(
+        weights=None, input_shape=(96, 96, 3), alpha=0.35, classifier_activation=None
+    )
     logits.set_weights(soft.get_weights())
     return soft, logits
 
 
 # --------------------------------------------------------------------------- exactness
+
 
 def test_vgg16_logits_exact_at_native_size(vgg16_logits, vgg16_fcn):
     x = rand((2, 224, 224, 3), -120, 130)
@@ -195,7 +201,7 @@ def test_small_model_fcn_cells_equal_classifier_on_crops():
     crops, where = [], []
     for i in range((61 - 32) // 4 + 1):  # the windows that lie inside the image
         for j in range((54 - 32) // 4 + 1):
-            crops.append(image[0, 4 * i:4 * i + 32, 4 * j:4 * j + 32])
+            crops.append(image[0, 4 * i : 4 * i + 32, 4 * j : 4 * j + 32])
             where.append((i, j))
     expected = model.predict(np.stack(crops), verbose=0)
     got = np.stack([out[i, j] for i, j in where])
@@ -204,15 +210,17 @@ def test_small_model_fcn_cells_equal_classifier_on_crops():
 
 def test_global_max_pooling_head_exact():
     keras.utils.set_random_seed(2)
-    model = keras.Sequential([
-        keras.Input((24, 24, 3)),
-        layers.Conv2D(8, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.Conv2D(12, 3, activation="relu"),
-        layers.GlobalMaxPooling2D(),
-        layers.Dense(10, activation="relu"),
-        layers.Dense(4),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((24, 24, 3)),
+            layers.Conv2D(8, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(12, 3, activation="relu"),
+            layers.GlobalMaxPooling2D(),
+            layers.Dense(10, activation="relu"),
+            layers.Dense(4),
+        ]
+    )
     fcn = to_fully_convolutional(model)
     assert fcn.head_kind == "global_max"
     assert fcn.stride == (2, 2)
@@ -224,16 +232,19 @@ def test_global_max_pooling_head_exact():
 
 
 def _vgg_like_base(size=32, name="base"):
-    return keras.Sequential([
-        keras.Input((size, size, 3)),
-        layers.Conv2D(8, 3, padding="same", activation="relu"),
-        layers.Conv2D(8, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.Conv2D(16, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.Conv2D(16, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(2),
-    ], name=name)
+    return keras.Sequential(
+        [
+            keras.Input((size, size, 3)),
+            layers.Conv2D(8, 3, padding="same", activation="relu"),
+            layers.Conv2D(8, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(16, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(16, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(2),
+        ],
+        name=name,
+    )
 
 
 def test_nested_sequential_base_gap_head_exact():
@@ -279,8 +290,15 @@ def test_transfer_learning_mobilenet_base_in_sequential_exact():
     """The common transfer-learning shape: an application without top inside a Sequential."""
     keras.utils.set_random_seed(5)
     base = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(96, 96, 3), alpha=0.35)
-    model = keras.Sequential([keras.Input((96, 96, 3)), base, layers.GlobalAveragePooling2D(),
-                              layers.Dense(8, activation="relu"), layers.Dense(3)])
+    model = keras.Sequential(
+        [
+            keras.Input((96, 96, 3)),
+            base,
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(8, activation="relu"),
+            layers.Dense(3),
+        ]
+    )
     fcn = to_fully_convolutional(model)
     assert fcn.stride == (32, 32)
     x = rand((2, 96, 96, 3), seed=13)
@@ -288,6 +306,7 @@ def test_transfer_learning_mobilenet_base_in_sequential_exact():
 
 
 # --------------------------------------------------------------------------- unsupported models
+
 
 def _trunk(size=16):
     inputs = keras.Input((size, size, 3))
@@ -367,9 +386,9 @@ def test_any_size_model_needs_input_size():
 def test_receptive_field_function_on_trunk_graph():
     keras.utils.set_random_seed(7)
     inputs = keras.Input((32, 32, 3))
-    x = layers.Conv2D(4, 5, strides=1, padding="valid")(inputs)      # size 5, j1
-    x = layers.Conv2D(4, 3, strides=2, padding="valid")(x)           # size 7, j2
-    x = layers.Conv2D(4, 3, dilation_rate=2, padding="valid")(x)     # k_eff 5 -> size 7+4*2=15, j2
+    x = layers.Conv2D(4, 5, strides=1, padding="valid")(inputs)  # size 5, j1
+    x = layers.Conv2D(4, 3, strides=2, padding="valid")(x)  # size 7, j2
+    x = layers.Conv2D(4, 3, dilation_rate=2, padding="valid")(x)  # k_eff 5 -> size 7+4*2=15, j2
     rf = receptive_field(keras.Model(inputs, x))
     assert rf.jump == (2, 2)
     assert rf.size == (15.0, 15.0)

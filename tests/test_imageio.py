@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import resource
 import struct
@@ -43,9 +44,9 @@ def _noise(h: int, w: int, seed: int = 0) -> np.ndarray:
 def _smooth(h: int, w: int) -> np.ndarray:
     """A smooth RGB gradient (compresses well and survives lossy codecs)."""
     y, x = np.mgrid[0:h, 0:w]
-    return np.stack(
-        [(x * 255 // max(1, w - 1)), (y * 255 // max(1, h - 1)), np.full_like(x, 128)], axis=-1
-    ).astype(np.uint8)
+    return np.stack([(x * 255 // max(1, w - 1)), (y * 255 // max(1, h - 1)), np.full_like(x, 128)], axis=-1).astype(
+        np.uint8
+    )
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -109,7 +110,7 @@ def test_api_surface():
     assert isinstance(err, ValueError)
     assert err.code == "corrupt_image" and err.message == "bad"
     info = ImageInfo(format="PNG", width=1, height=2, mode="RGB", extension=".png")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         info.width = 3  # frozen
 
 
@@ -340,8 +341,15 @@ def test_exif_orientation_6(tmp_path):
 
 @pytest.mark.parametrize(
     "orientation,corner,swapped",
-    [(1, (0, 0), False), (2, (0, 1), False), (3, (1, 1), False), (4, (1, 0), False),
-     (5, (0, 0), True), (7, (1, 1), True), (8, (1, 0), True)],
+    [
+        (1, (0, 0), False),
+        (2, (0, 1), False),
+        (3, (1, 1), False),
+        (4, (1, 0), False),
+        (5, (0, 0), True),
+        (7, (1, 1), True),
+        (8, (1, 0), True),
+    ],
 )
 def test_exif_orientations(tmp_path, orientation, corner, swapped):
     path = _oriented_jpeg(tmp_path, orientation)
@@ -501,11 +509,13 @@ def test_tiff_corrupt_strip(tmp_path, compression):
     offsets = offsets if isinstance(offsets, tuple) else (offsets,)
     counts = counts if isinstance(counts, tuple) else (counts,)
     data = bytearray(path.read_bytes())
-    for off, cnt in zip(offsets, counts):
+    for off, cnt in zip(offsets, counts, strict=True):
         # Keep the first bytes (codec header) and destroy the rest of every strip.
         garbage = np.random.default_rng(1).integers(0, 256, cnt, dtype=np.uint8).tobytes()
         start = off + min(2, cnt - 1)
-        data[start : off + cnt] = b"\xff" * (off + cnt - start) if compression == "tiff_lzw" else garbage[: off + cnt - start]
+        data[start : off + cnt] = (
+            b"\xff" * (off + cnt - start) if compression == "tiff_lzw" else garbage[: off + cnt - start]
+        )
     bad = tmp_path / "bad.tif"
     bad.write_bytes(bytes(data))
     probe_image(bad, max_pixels=MAXPX)  # header intact
@@ -542,7 +552,9 @@ def test_huge_header_with_pillow_default_guard(tmp_path):
         _assert_code(path, "too_many_pixels", max_pixels=100_000_000)
 
 
-@pytest.mark.parametrize("fmt,ext", [("PNG", ".png"), ("JPEG", ".jpg"), ("TIFF", ".tif"), ("BMP", ".bmp"), ("WEBP", ".webp")])
+@pytest.mark.parametrize(
+    "fmt,ext", [("PNG", ".png"), ("JPEG", ".jpg"), ("TIFF", ".tif"), ("BMP", ".bmp"), ("WEBP", ".webp")]
+)
 def test_pixel_limit_boundary(tmp_path, fmt, ext):
     over = _save(tmp_path, Image.new("RGB", (101, 100)), "over" + ext, fmt)
     err = _assert_code(over, "too_many_pixels", max_pixels=10_000)

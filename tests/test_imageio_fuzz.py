@@ -63,7 +63,7 @@ def _seed_images() -> list[tuple[str, bytes]]:
         ("png-p-trns", rgb.convert("P"), "PNG", {"transparency": 3}),
         ("png-rgba", rgb.convert("RGBA"), "PNG", {}),
         ("png-la", rgb.convert("LA"), "PNG", {}),
-        ("png-i16", Image.fromarray((smooth[..., 0].astype(np.uint16) * 257)).convert("I;16"), "PNG", {}),
+        ("png-i16", Image.fromarray(smooth[..., 0].astype(np.uint16) * 257).convert("I;16"), "PNG", {}),
         ("png-1", rgb.convert("1"), "PNG", {}),
         ("jpeg-rgb", rgb, "JPEG", {"quality": 90}),
         ("jpeg-progressive", rgb, "JPEG", {"progressive": True}),
@@ -73,7 +73,7 @@ def _seed_images() -> list[tuple[str, bytes]]:
         ("tiff-lzw", rgb, "TIFF", {"compression": "tiff_lzw"}),
         ("tiff-deflate", Image.fromarray(noise), "TIFF", {"compression": "tiff_adobe_deflate"}),
         ("tiff-packbits", rgb.convert("L"), "TIFF", {"compression": "packbits"}),
-        ("tiff-i16", Image.fromarray((smooth[..., 1].astype(np.uint16) * 257)).convert("I;16"), "TIFF", {}),
+        ("tiff-i16", Image.fromarray(smooth[..., 1].astype(np.uint16) * 257).convert("I;16"), "TIFF", {}),
         ("tiff-cmyk", rgb.convert("CMYK"), "TIFF", {}),
         ("tiff-f", Image.fromarray(smooth[..., 2].astype(np.float32)), "TIFF", {}),
         ("bmp-rgb", rgb, "BMP", {}),
@@ -142,10 +142,10 @@ def _inputs() -> list[tuple[str, bytes]]:
     out: list[tuple[str, bytes]] = [(f"valid:{name}", data) for name, data in seeds]
     n_random = 30
     n_magic = 60
-    for i in range(n_random):
+    for _ in range(n_random):
         n = rnd.choice([0, 1, 2, 7, 16, 100, rnd.randrange(4096)])
         out.append((f"random[{n}]", rnd.randbytes(n)))
-    for i in range(n_magic):
+    for _ in range(n_magic):
         magic = rnd.choice(MAGICS)
         n = rnd.choice([0, 8, 32, 200, rnd.randrange(4096)])
         out.append((f"magic:{magic[:12]!r}+{n}", magic + rnd.randbytes(n)))
@@ -175,9 +175,7 @@ def _check_one(idx: int, label: str, data: bytes) -> list[str]:
             if not (isinstance(e.code, str) and e.code and isinstance(e.message, str)):
                 problems.append(f"{where}: {fn.__name__} raised malformed ImageError {e!r}")
         except Exception:
-            problems.append(
-                f"{where}: {fn.__name__} raised a non-ImageError:\n{traceback.format_exc(limit=4)}"
-            )
+            problems.append(f"{where}: {fn.__name__} raised a non-ImageError:\n{traceback.format_exc(limit=4)}")
         else:
             if fn is probe_image:
                 ok = isinstance(result, ImageInfo) and result.width * result.height <= MAX_PIXELS

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shapes.scenes import generate_scene
 from shared.jobspec import JobParams
 from shared.settings import Settings
 from worker.engine import run_inference
-from worker.models import ModelRegistry
-from worker.scenes import generate_scene
+from worker.model_registry import ModelRegistry
 
 LABELS = ["circle", "square", "triangle", "cross"]
 
@@ -28,8 +28,14 @@ def test_peaks_fall_inside_the_objects(registry, tmp_path, mode, stride, seed):
     path = tmp_path / "scene.png"
     Image.fromarray(image).save(path)
     info = registry.info("shapes")
-    params = JobParams(model="shapes", mode=mode, stride=stride, batch_size=64, top_k=None,
-                       class_indices=tuple(info.class_indices(LABELS)))
+    params = JobParams(
+        model="shapes",
+        mode=mode,
+        stride=stride,
+        batch_size=64,
+        top_k=None,
+        class_indices=tuple(info.class_indices(LABELS)),
+    )
     summary = run_inference(path, params, registry, tmp_path / "out", max_pixels=10**8)
     peaks = {entry["name"]: entry for entry in summary["classes"]}
     for obj in objects:

@@ -6,25 +6,42 @@ from datetime import timedelta
 
 import pytest
 import redis
-
 from conftest import DATABASES, Stack, make_database
-from shared import jobs
+
+from shared import job_store
 from shared.database import session_scope
-from shared.models import Job, utcnow
 from shared.reconcile import reconcile_once
+from shared.tables import Job, utcnow
 
 
 @pytest.fixture(params=DATABASES)
 def stack(request, tmp_path, redis_server):
-    stack = Stack(tmp_path, make_database(request.param, tmp_path), redis_server, requeue_queued_after_s=30,
-                  stale_after_s=30, job_max_attempts=2, retention_hours=1)
+    stack = Stack(
+        tmp_path,
+        make_database(request.param, tmp_path),
+        redis_server,
+        requeue_queued_after_s=30,
+        stale_after_s=30,
+        job_max_attempts=2,
+        retention_hours=1,
+    )
     yield stack
     stack.close()
 
 
 def add_job(stack, **values) -> str:
-    job = Job(model="shapes", mode="direct", params={}, image_key="uploads/x/image.png", image_format="PNG",
-              image_width=100, image_height=100, image_sha256="0" * 64, image_bytes=1, **values)
+    job = Job(
+        model="shapes",
+        mode="direct",
+        params={},
+        image_key="uploads/x/image.png",
+        image_format="PNG",
+        image_width=100,
+        image_height=100,
+        image_sha256="0" * 64,
+        image_bytes=1,
+        **values,
+    )
     with session_scope(stack.settings.resolved_database_url) as session:
         session.add(job)
         session.flush()
@@ -57,22 +74,22 @@ def test_stale_running_jobs_are_requeued_then_failed(stack):
     assert report.requeued == [retry] and report.failed == [give_up]
     assert retry in report.sent  # re-queued jobs are sent in the same pass
     with session_scope(stack.settings.resolved_database_url) as session:
-        assert jobs.get_job(session, retry).status == "queued"
-        failed = jobs.get_job(session, give_up)
+        assert job_store.get_job(session, retry).status == "queued"
+        failed = job_store.get_job(session, give_up)
         assert failed.status == "failed" and failed.error_code == "worker_lost"
-        assert jobs.get_job(session, alive).status == "running"
+        assert job_store.get_job(session, alive).status == "running"
         # The old holder of the re-queued job can no longer write to it.
-        assert not jobs.heartbeat(session, retry, "a" * 32, 1, 2)
-        assert not jobs.finish_succeeded(session, retry, "a" * 32, {}, 1.0)
+        assert not job_store.heartbeat(session, retry, "a" * 32, 1, 2)
+        assert not job_store.finish_succeeded(session, retry, "a" * 32, {}, 1.0)
 
 
 def test_claim_is_exclusive(stack):
     job_id = add_job(stack)
     with session_scope(stack.settings.resolved_database_url) as session:
-        first = jobs.claim(session, job_id, "w1")
+        first = job_store.claim(session, job_id, "w1")
     with session_scope(stack.settings.resolved_database_url) as session:
-        second = jobs.claim(session, job_id, "w2")
-        row = jobs.get_job(session, job_id)
+        second = job_store.claim(session, job_id, "w2")
+        row = job_store.get_job(session, job_id)
     assert first and second is None
     assert row.attempts == 1 and row.worker == "w1" and row.status == "running"
 
@@ -92,5 +109,5 @@ def test_expired_jobs_are_deleted_with_their_files(stack):
     assert not (storage_root / "results" / expired).exists() and not (storage_root / "uploads" / expired).exists()
     assert (storage_root / "results" / recent / "heatmap.npz").exists()
     with session_scope(stack.settings.resolved_database_url) as session:
-        assert jobs.get_job(session, expired) is None
-        assert jobs.get_job(session, running) is not None
+        assert job_store.get_job(session, expired) is None
+        assert job_store.get_job(session, running) is not None

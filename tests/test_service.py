@@ -8,9 +8,8 @@ import uuid
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import scene_png
+from PIL import Image
 
 
 def test_submit_poll_download_matches_engine(service, tmp_path):
@@ -42,7 +41,7 @@ def test_submit_poll_download_matches_engine(service, tmp_path):
     # The same engine run in this process gives the same numbers.
     from shared.jobspec import JobParams
     from worker.engine import run_inference
-    from worker.models import ModelRegistry
+    from worker.model_registry import ModelRegistry
 
     path = tmp_path / "scene.png"
     path.write_bytes(image)
@@ -129,13 +128,16 @@ def test_list_filter_and_paginate(service):
     assert alice.get(f"/api/v1/jobs/{ids[0]}/heatmap").status_code == 404
 
 
-@pytest.mark.parametrize("path", [
-    "/api/v1/jobs/0123456789abcdef0123456789abcdef",
-    "/api/v1/jobs/not-an-id",
-    "/api/v1/jobs/..%2F..%2Fetc%2Fpasswd",
-    "/api/v1/jobs/0123456789abcdef0123456789abcdef/overlays/..%2Fsummary",
-    "/api/v1/jobs/%00",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/jobs/0123456789abcdef0123456789abcdef",
+        "/api/v1/jobs/not-an-id",
+        "/api/v1/jobs/..%2F..%2Fetc%2Fpasswd",
+        "/api/v1/jobs/0123456789abcdef0123456789abcdef/overlays/..%2Fsummary",
+        "/api/v1/jobs/%00",
+    ],
+)
 def test_unknown_and_malformed_ids_are_404(service, path):
     response = service.client().get(path)
     assert response.status_code == 404
@@ -180,10 +182,15 @@ def test_corrupt_images_fail_their_job_and_the_worker_stays_up(service):
     client = service.client()
     rng = np.random.default_rng(4)
     jpeg = _encoded(Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)), "JPEG")
-    tiff = bytearray(_encoded(Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)), "TIFF",
-                              compression="tiff_adobe_deflate"))
+    tiff = bytearray(
+        _encoded(
+            Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)),
+            "TIFF",
+            compression="tiff_adobe_deflate",
+        )
+    )
     strip = Image.open(io.BytesIO(bytes(tiff))).tag_v2[273][0]  # StripOffsets: keep the header intact
-    tiff[strip + 16:strip + 1016] = b"\xff" * 1000  # corrupt the compressed strip
+    tiff[strip + 16 : strip + 1016] = b"\xff" * 1000  # corrupt the compressed strip
     for payload in (jpeg[: len(jpeg) // 2], bytes(tiff)):
         response = service.submit(client, payload)
         assert response.status_code == 202, response.json  # the header is fine
@@ -198,7 +205,7 @@ def test_corrupt_images_fail_their_job_and_the_worker_stays_up(service):
 def test_unusual_pixel_formats_succeed(service):
     client = service.client()
     scene = Image.open(io.BytesIO(scene_png(192, 160, seed=6)[0]))
-    gray16 = Image.fromarray((np.asarray(scene.convert("L"), dtype=np.uint16) * 257))
+    gray16 = Image.fromarray(np.asarray(scene.convert("L"), dtype=np.uint16) * 257)
     variants = {
         "16-bit PNG": _encoded(gray16, "PNG"),
         "CMYK JPEG": _encoded(scene.convert("CMYK"), "JPEG", quality=95),

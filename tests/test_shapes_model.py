@@ -5,7 +5,7 @@ producing heatmaps that mean something.  These tests verify, with the ORIGINAL c
 and plain numpy only (no FCN conversion, no service code), that the artifact is consistent
 with its sidecar, that it classifies fresh synthetic crops, and that a sliding-window pass
 over a synthetic scene peaks on each object.  If they fail after a change to
-``worker/scenes.py``, retrain with ``python -m worker.train_shapes --out models``.
+``shapes/scenes.py``, retrain with ``python -m shapes.train --out models``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.scenes import OBJECT_CLASSES, SHAPE_CLASSES, WINDOW, generate_scene, make_crop, textured_background
+from shapes.scenes import OBJECT_CLASSES, SHAPE_CLASSES, WINDOW, generate_scene, make_crop, textured_background
 
 keras = pytest.importorskip("keras")
 
@@ -33,8 +33,7 @@ def _preprocess(x: np.ndarray) -> np.ndarray:
 
 def _predict(model, x_uint8: np.ndarray, batch: int = 256) -> np.ndarray:
     out = [
-        np.asarray(model(_preprocess(x_uint8[i : i + batch]), training=False))
-        for i in range(0, len(x_uint8), batch)
+        np.asarray(model(_preprocess(x_uint8[i : i + batch]), training=False)) for i in range(0, len(x_uint8), batch)
     ]
     return np.concatenate(out)
 

@@ -30,14 +30,16 @@ def random_image(height, width, seed=0):
 def classifier():
     """A small classifier with 'same' padding (so crops differ from FCN cells) and logits."""
     keras.utils.set_random_seed(11)
-    return keras.Sequential([
-        keras.Input((*WINDOW, 3)),
-        layers.Conv2D(8, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.Conv2D(8, 3, padding="same", activation="relu"),
-        layers.GlobalAveragePooling2D(),
-        layers.Dense(4),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((*WINDOW, 3)),
+            layers.Conv2D(8, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(8, 3, padding="same", activation="relu"),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(4),
+        ]
+    )
 
 
 class CountingClassifier:
@@ -53,15 +55,25 @@ class CountingClassifier:
 
 
 def reference_scores(model, image, rows, cols, window):
-    crops = np.stack([image[r:r + window[0], c:c + window[1]] for r in rows for c in cols])
+    crops = np.stack([image[r : r + window[0], c : c + window[1]] for r in rows for c in cols])
     return model.predict(TF(crops), verbose=0).reshape(len(rows), len(cols), -1)
 
 
 # --------------------------------------------------------------------------- window_origins
 
-@pytest.mark.parametrize("length,window,stride", [
-    (75, 32, 10), (64, 32, 32), (64, 32, 16), (33, 32, 5), (32, 32, 7), (100, 28, 1), (101, 28, 28),
-])
+
+@pytest.mark.parametrize(
+    "length,window,stride",
+    [
+        (75, 32, 10),
+        (64, 32, 32),
+        (64, 32, 16),
+        (33, 32, 5),
+        (32, 32, 7),
+        (100, 28, 1),
+        (101, 28, 28),
+    ],
+)
 def test_window_origins_cover_every_pixel_and_end_flush(length, window, stride):
     # (stride <= window, as validate_params enforces; a larger stride leaves gaps by design)
     origins = window_origins(length, window, stride)
@@ -71,7 +83,7 @@ def test_window_origins_cover_every_pixel_and_end_flush(length, window, stride):
     assert np.all(np.diff(origins) <= stride)
     covered = np.zeros(length, dtype=int)
     for o in origins:
-        covered[o:o + window] += 1
+        covered[o : o + window] += 1
     assert covered.min() >= 1, "every pixel must be inside some window"
     # Regular origins except (possibly) the flush one.
     np.testing.assert_array_equal(origins[:-1], np.arange(len(origins) - 1) * stride)
@@ -89,6 +101,7 @@ def test_window_origins_rejects_short_axis():
 
 
 # --------------------------------------------------------------------------- tiled_inference
+
 
 def test_tiled_scores_equal_classifier_on_crops(classifier):
     image = random_image(75, 90, seed=1)
@@ -118,8 +131,9 @@ def test_int_stride_and_exact_window_image(classifier):
     image = random_image(32, 28, seed=3)
     grid = tiled_inference(classifier, image, TF, window=WINDOW, stride=5)
     assert grid.scores.shape == (1, 1, 4)
-    np.testing.assert_allclose(grid.scores[0, 0], classifier.predict(TF(image[None]), verbose=0)[0],
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        grid.scores[0, 0], classifier.predict(TF(image[None]), verbose=0)[0], atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("batch_size", [0, -3])
@@ -137,8 +151,7 @@ def test_image_smaller_than_window_raises(classifier):
 
 def test_results_independent_of_batch_size(classifier):
     image = random_image(70, 61, seed=4)
-    results = [tiled_inference(classifier, image, TF, window=WINDOW, stride=9, batch_size=b).scores
-               for b in (1, 3, 64)]
+    results = [tiled_inference(classifier, image, TF, window=WINDOW, stride=9, batch_size=b).scores for b in (1, 3, 64)]
     for other in results[1:]:
         np.testing.assert_allclose(other, results[0], atol=1e-5, rtol=1e-5)
 
@@ -148,8 +161,15 @@ def test_predict_called_once_per_batch(classifier, batch_size):
     image = random_image(70, 61, seed=5)
     counting = CountingClassifier(classifier)
     progress = []
-    grid = tiled_inference(counting, image, TF, window=WINDOW, stride=9, batch_size=batch_size,
-                           progress=lambda done, total: progress.append((done, total)))
+    grid = tiled_inference(
+        counting,
+        image,
+        TF,
+        window=WINDOW,
+        stride=9,
+        batch_size=batch_size,
+        progress=lambda done, total: progress.append((done, total)),
+    )
     windows = len(window_origins(70, 32, 9)) * len(window_origins(61, 28, 9))
     assert grid.scores.shape[:2] == (len(window_origins(70, 32, 9)), len(window_origins(61, 28, 9)))
     batches = math.ceil(windows / batch_size)
@@ -185,6 +205,7 @@ def test_class_indices_select_channels(classifier):
 
 
 # --------------------------------------------------------------------------- blending
+
 
 def brute_force_blend(grid, image_size, canvas_size):
     """Average, at each canvas pixel centre, the scores of all windows containing it."""
@@ -224,8 +245,9 @@ def test_mean_blend_equals_brute_force(canvas):
 
 def test_mean_blend_combines_overlaps_instead_of_overwriting():
     # Two windows overlapping in x: pixels in the overlap get the average of both.
-    grid = ScoreGrid(np.array([[[0.0], [1.0]]], np.float32), np.array([0]), np.array([0, 4]), (4, 8), (4, 4),
-                     np.array([0]))
+    grid = ScoreGrid(
+        np.array([[[0.0], [1.0]]], np.float32), np.array([0]), np.array([0, 4]), (4, 8), (4, 4), np.array([0])
+    )
     out = blend(grid, (4, 12), (4, 12))[0, :, 0]
     np.testing.assert_allclose(out, [0, 0, 0, 0, 0.5, 0.5, 0.5, 0.5, 1, 1, 1, 1])
 
@@ -250,8 +272,12 @@ def test_gaussian_blend_within_covering_scores():
     # Per pixel: a weighted average of the windows that cover it.
     for y in range(23):
         for x in range(19):
-            covering = [grid.scores[i, j] for i, r in enumerate(grid.rows) for j, c in enumerate(grid.cols)
-                        if r <= y + 0.5 < r + 8 and c <= x + 0.5 < c + 6]
+            covering = [
+                grid.scores[i, j]
+                for i, r in enumerate(grid.rows)
+                for j, c in enumerate(grid.cols)
+                if r <= y + 0.5 < r + 8 and c <= x + 0.5 < c + 6
+            ]
             covering = np.stack(covering)
             assert np.all(out[y, x] >= covering.min(axis=0) - 1e-5)
             assert np.all(out[y, x] <= covering.max(axis=0) + 1e-5)

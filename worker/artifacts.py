@@ -19,10 +19,19 @@ from worker.blend import blend
 from worker.grid import ScoreGrid
 
 # A perceptually ordered dark-to-bright colormap (anchor colours of matplotlib's "inferno").
-_ANCHORS = np.array([
-    [0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66],
-    [245, 125, 21], [250, 193, 39], [252, 255, 164],
-], dtype=np.float64)
+_ANCHORS = np.array(
+    [
+        [0, 0, 4],
+        [40, 11, 84],
+        [101, 21, 110],
+        [159, 42, 99],
+        [212, 72, 66],
+        [245, 125, 21],
+        [250, 193, 39],
+        [252, 255, 164],
+    ],
+    dtype=np.float64,
+)
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -75,9 +84,15 @@ def write_heatmap(out_dir: Path, grid: ScoreGrid, class_names: list[str], mode: 
     return path
 
 
-def write_overlays(out_dir: Path, grid: ScoreGrid, image: np.ndarray, *, max_side: int = 1024,
-                   weighting: str = "mean", alpha: tuple[float, float] = (0.15, 0.85)
-                   ) -> tuple[list[str], tuple[int, int]]:
+def write_overlays(
+    out_dir: Path,
+    grid: ScoreGrid,
+    image: np.ndarray,
+    *,
+    max_side: int = 1024,
+    weighting: str = "mean",
+    alpha: tuple[float, float] = (0.15, 0.85),
+) -> tuple[list[str], tuple[int, int]]:
     """One PNG per score channel: the blended class map in colour over the downscaled image.
 
     Probabilities (all scores within [0, 1]) are drawn on an absolute scale, so a class

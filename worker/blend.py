@@ -14,8 +14,9 @@ import numpy as np
 from worker.grid import ScoreGrid
 
 
-def _axis_weights(origins: np.ndarray, window: int, length: int, canvas: int, weighting: str,
-                  sigma_scale: float) -> np.ndarray:
+def _axis_weights(
+    origins: np.ndarray, window: int, length: int, canvas: int, weighting: str, sigma_scale: float
+) -> np.ndarray:
     """(canvas, len(origins)) weight of each window at each canvas pixel centre."""
     centres = (np.arange(canvas) + 0.5) * (length / canvas)  # canvas pixel centres in image pixels
     offset = centres[:, None] - origins[None, :].astype(np.float64)  # position inside each window
@@ -36,8 +37,14 @@ def _axis_weights(origins: np.ndarray, window: int, length: int, canvas: int, we
     return weights
 
 
-def blend(grid: ScoreGrid, image_size: tuple[int, int], canvas_size: tuple[int, int], *,
-          weighting: str = "mean", sigma_scale: float = 0.125) -> np.ndarray:
+def blend(
+    grid: ScoreGrid,
+    image_size: tuple[int, int],
+    canvas_size: tuple[int, int],
+    *,
+    weighting: str = "mean",
+    sigma_scale: float = 0.125,
+) -> np.ndarray:
     """Blend the grid into a ``(canvas_h, canvas_w, classes)`` float32 map.
 
     Args:

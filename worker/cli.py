@@ -16,7 +16,7 @@ import sys
 
 from tqdm import tqdm
 
-from shared.errors import InputError
+from shared.exceptions import InputError
 from shared.jobspec import validate_params
 from shared.settings import get_settings
 
@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = get_settings()
-    from worker.models import ModelRegistry, ModelUnavailableError  # loads Keras: after parsing
+    from worker.model_registry import ModelRegistry, ModelUnavailableError  # loads Keras: after parsing
 
     registry = ModelRegistry(settings.model_dirs, settings.vgg16_weights)
     if args.command == "models":
@@ -58,21 +58,35 @@ def main(argv: list[str] | None = None) -> int:
     def progress(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, unit="tile" if args.mode == "direct" else "batch",
-                       disable=not sys.stderr.isatty(), file=sys.stderr)
+            bar = tqdm(
+                total=total,
+                unit="tile" if args.mode == "direct" else "batch",
+                disable=not sys.stderr.isatty(),
+                file=sys.stderr,
+            )
         bar.update(done - bar.n)
 
     try:
         info = registry.info(args.model or settings.default_model)
         params = validate_params(
-            {"mode": args.mode, "stride": args.stride, "batch_size": args.batch_size, "top_k": args.top_k,
-             "classes": args.classes, "memory_budget_mb": args.memory_budget_mb, "weighting": args.weighting},
-            info, max_batch_size=settings.max_batch_size, max_top_k=max(settings.max_top_k, len(info.classes)),
+            {
+                "mode": args.mode,
+                "stride": args.stride,
+                "batch_size": args.batch_size,
+                "top_k": args.top_k,
+                "classes": args.classes,
+                "memory_budget_mb": args.memory_budget_mb,
+                "weighting": args.weighting,
+            },
+            info,
+            max_batch_size=settings.max_batch_size,
+            max_top_k=max(settings.max_top_k, len(info.classes)),
             memory_budget_mb=settings.memory_budget_mb,
         )
         params = params.__class__(**{**params.__dict__, "model": args.model or settings.default_model})
-        summary = run_inference(args.image, params, registry, args.out, max_pixels=settings.max_image_pixels,
-                                progress=progress)
+        summary = run_inference(
+            args.image, params, registry, args.out, max_pixels=settings.max_image_pixels, progress=progress
+        )
     except InputError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return 2

@@ -21,8 +21,8 @@ depends on the tile size, which comes from the memory budget.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import keras
 import numpy as np
@@ -77,8 +77,9 @@ def plan_axis(length: int, jump: int, halo: int, cells_total: int, cells_per_til
     return spans
 
 
-def tile_cells_for_budget(fcn: FullyConvolutional, memory_budget_mb: float,
-                          max_tile_pixels: int = DEFAULT_MAX_TILE_PIXELS) -> int:
+def tile_cells_for_budget(
+    fcn: FullyConvolutional, memory_budget_mb: float, max_tile_pixels: int = DEFAULT_MAX_TILE_PIXELS
+) -> int:
     """Cells per tile side so that one tile's trunk activations fit the budget."""
     budget_pixels = memory_budget_mb * 2**20 / (fcn.bytes_per_pixel * ACTIVATION_OVERHEAD)
     side = math.sqrt(min(budget_pixels, max_tile_pixels))
@@ -136,28 +137,29 @@ def direct_inference(
     scores = np.empty((out_rows, out_cols, kept), dtype=np.float32)
     head_rows = max(1, int(memory_budget_mb * 2**20 / (4.0 * ACTIVATION_OVERHEAD * max(1, out_cols) * fcn.head_width)))
 
-    buffer = None          # feature rows [buffer_start, buffer_start + len(buffer))
+    buffer = None  # feature rows [buffer_start, buffer_start + len(buffer))
     buffer_start = 0
     next_out = 0
     done = 0
     for span_y in spans_y:
         band = None
         for span_x in spans_x:
-            crop = image[span_y.pixel_start:span_y.pixel_stop, span_x.pixel_start:span_x.pixel_stop]
+            crop = image[span_y.pixel_start : span_y.pixel_stop, span_x.pixel_start : span_x.pixel_stop]
             features = keras.ops.convert_to_numpy(fcn.trunk(preprocess(crop)[None], training=False))[0]
             oy, ox = span_y.offset(jump_y), span_x.offset(jump_x)
-            interior = features[span_y.cell_start - oy:span_y.cell_stop - oy,
-                                span_x.cell_start - ox:span_x.cell_stop - ox]
+            interior = features[
+                span_y.cell_start - oy : span_y.cell_stop - oy, span_x.cell_start - ox : span_x.cell_stop - ox
+            ]
             if band is None:
                 band = np.empty((span_y.cell_stop - span_y.cell_start, cells_x, features.shape[-1]), np.float32)
-            band[:, span_x.cell_start:span_x.cell_stop] = interior
+            band[:, span_x.cell_start : span_x.cell_stop] = interior
             done += 1
             report(progress, done, total)
         buffer = band if buffer is None else np.concatenate([buffer, band], axis=0)
         available = buffer_start + buffer.shape[0]
         while next_out + fh <= available:
             stop = min(available - fh + 1, next_out + head_rows)
-            rows_in = buffer[next_out - buffer_start: stop - buffer_start + fh - 1]
+            rows_in = buffer[next_out - buffer_start : stop - buffer_start + fh - 1]
             out = fcn.apply_head(rows_in[None])
             scores[next_out:stop] = out if selection is None else out[..., selection]
             next_out = stop

@@ -17,7 +17,7 @@ from shared.jobspec import JobParams
 from worker.artifacts import write_heatmap, write_overlays, write_summary
 from worker.direct import direct_inference
 from worker.grid import ProgressFn, ScoreGrid
-from worker.models import LoadedModel, ModelRegistry
+from worker.model_registry import LoadedModel, ModelRegistry
 from worker.tiled import tiled_inference
 
 
@@ -30,18 +30,39 @@ def select_classes(grid: ScoreGrid, params: JobParams) -> ScoreGrid:
     return grid.select(grid.class_indices[order])
 
 
-def compute_grid(image: np.ndarray, params: JobParams, loaded: LoadedModel,
-                 progress: ProgressFn | None = None) -> ScoreGrid:
+def compute_grid(
+    image: np.ndarray, params: JobParams, loaded: LoadedModel, progress: ProgressFn | None = None
+) -> ScoreGrid:
     if params.mode == "direct":
-        return direct_inference(loaded.fcn, image, loaded.preprocess, memory_budget_mb=params.memory_budget_mb,
-                                class_indices=params.class_indices, progress=progress)
-    return tiled_inference(loaded.classifier, image, loaded.preprocess, window=loaded.window,
-                           stride=params.stride, batch_size=params.batch_size,
-                           class_indices=params.class_indices, progress=progress)
+        return direct_inference(
+            loaded.fcn,
+            image,
+            loaded.preprocess,
+            memory_budget_mb=params.memory_budget_mb,
+            class_indices=params.class_indices,
+            progress=progress,
+        )
+    return tiled_inference(
+        loaded.classifier,
+        image,
+        loaded.preprocess,
+        window=loaded.window,
+        stride=params.stride,
+        batch_size=params.batch_size,
+        class_indices=params.class_indices,
+        progress=progress,
+    )
 
 
-def run_inference(image_source: str | Path | BinaryIO, params: JobParams, registry: ModelRegistry,
-                  out_dir: str | Path, *, max_pixels: int, progress: ProgressFn | None = None) -> dict:
+def run_inference(
+    image_source: str | Path | BinaryIO,
+    params: JobParams,
+    registry: ModelRegistry,
+    out_dir: str | Path,
+    *,
+    max_pixels: int,
+    progress: ProgressFn | None = None,
+) -> dict:
     """Compute heatmaps for one image and write them to `out_dir`; returns the summary.
 
     Raises ``shared.imageio.ImageError`` for bad images, ``shared.catalog.CatalogError``
@@ -64,26 +85,30 @@ def run_inference(image_source: str | Path | BinaryIO, params: JobParams, regist
     clock = time.perf_counter()
     names = [loaded.info.classes[int(i)] for i in grid.class_indices]
     write_heatmap(out_dir, grid, names, params.mode, loaded.name)
-    overlays, overlay_shape = write_overlays(out_dir, grid, image, max_side=params.overlay_max_side,
-                                             weighting=params.weighting)
+    overlays, overlay_shape = write_overlays(
+        out_dir, grid, image, max_side=params.overlay_max_side, weighting=params.weighting
+    )
     classes = []
-    for channel, (name, overlay) in enumerate(zip(names, overlays)):
+    for channel, (name, overlay) in enumerate(zip(names, overlays, strict=True)):
         y, x, best = grid.peak(channel)
-        classes.append({
-            "name": name,
-            "index": int(grid.class_indices[channel]),
-            "max": best,
-            "mean": float(grid.scores[:, :, channel].mean()),
-            "peak": {"x": x, "y": y},
-            "overlay": overlay,
-        })
+        classes.append(
+            {
+                "name": name,
+                "index": int(grid.class_indices[channel]),
+                "max": best,
+                "mean": float(grid.scores[:, :, channel].mean()),
+                "peak": {"x": x, "y": y},
+                "overlay": overlay,
+            }
+        )
     summary = {
         "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
         "model": loaded.name,
         "mode": params.mode,
         "parameters": params.to_json(),
         "grid": {
-            "rows": int(grid.scores.shape[0]), "cols": int(grid.scores.shape[1]),
+            "rows": int(grid.scores.shape[0]),
+            "cols": int(grid.scores.shape[1]),
             "window": {"height": grid.window[0], "width": grid.window[1]},
             "stride": {"y": int(grid.stride[0]), "x": int(grid.stride[1])},
         },

@@ -42,22 +42,54 @@ class UnsupportedModelError(ValueError):
 # Layers that do nothing at inference time (dropped from the head).
 _INFERENCE_NOOPS = tuple(
     cls
-    for name in ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "GaussianNoise", "GaussianDropout",
-                 "AlphaDropout", "ActivityRegularization", "Identity")
+    for name in (
+        "Dropout",
+        "SpatialDropout1D",
+        "SpatialDropout2D",
+        "GaussianNoise",
+        "GaussianDropout",
+        "AlphaDropout",
+        "ActivityRegularization",
+        "Identity",
+    )
     if (cls := getattr(layers, name, None)) is not None
 )
 # Per-element or per-position layers: they keep the spatial layout and receptive field.
 _POINTWISE = tuple(
     cls
-    for name in ("Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax", "BatchNormalization",
-                 "LayerNormalization", "Rescaling", "Normalization", "InputLayer", "Add", "Subtract",
-                 "Multiply", "Average", "Maximum", "Minimum", "Concatenate", "Dropout",
-                 "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
-                 "ActivityRegularization", "Identity", "UnitNormalization")
+    for name in (
+        "Activation",
+        "ReLU",
+        "LeakyReLU",
+        "PReLU",
+        "ELU",
+        "Softmax",
+        "BatchNormalization",
+        "LayerNormalization",
+        "Rescaling",
+        "Normalization",
+        "InputLayer",
+        "Add",
+        "Subtract",
+        "Multiply",
+        "Average",
+        "Maximum",
+        "Minimum",
+        "Concatenate",
+        "Dropout",
+        "SpatialDropout2D",
+        "GaussianNoise",
+        "GaussianDropout",
+        "AlphaDropout",
+        "ActivityRegularization",
+        "Identity",
+        "UnitNormalization",
+    )
     if (cls := getattr(layers, name, None)) is not None
 )
 _HEAD_ACTIVATIONS = tuple(
-    cls for name in ("Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax")
+    cls
+    for name in ("Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax")
     if (cls := getattr(layers, name, None)) is not None
 )
 
@@ -78,7 +110,7 @@ class ReceptiveField:
     global_layer: str | None = None
     same_strided: tuple[str, ...] = field(default=())
 
-    def then(self, kernel, stride, dilation=(1, 1), pad_before=(0, 0)) -> "ReceptiveField":
+    def then(self, kernel, stride, dilation=(1, 1), pad_before=(0, 0)) -> ReceptiveField:
         """Compose with a sliding-window layer applied on top of this tensor."""
         jump, size, start = [], [], []
         for axis in range(2):
@@ -89,13 +121,14 @@ class ReceptiveField:
             jump.append(j * stride[axis])
         return ReceptiveField(tuple(jump), tuple(size), tuple(start), self.global_layer, self.same_strided)
 
-    def compose(self, inner: "ReceptiveField") -> "ReceptiveField":
+    def compose(self, inner: ReceptiveField) -> ReceptiveField:
         """This field followed by a nested model whose own field (on its input) is `inner`."""
         jump = tuple(self.jump[a] * inner.jump[a] for a in range(2))
         size = tuple(self.size[a] + (inner.size[a] - 1) * self.jump[a] for a in range(2))
         start = tuple(self.start[a] + inner.start[a] * self.jump[a] for a in range(2))
-        return ReceptiveField(jump, size, start, self.global_layer or inner.global_layer,
-                              self.same_strided + inner.same_strided)
+        return ReceptiveField(
+            jump, size, start, self.global_layer or inner.global_layer, self.same_strided + inner.same_strided
+        )
 
     def halo(self) -> tuple[int, int]:
         """Pixels a tile needs beyond its own cells' blocks ``[k*jump, (k+1)*jump)`` on each side."""
@@ -149,12 +182,22 @@ def _layer_field(op, rf: ReceptiveField) -> ReceptiveField:
         return _windowed(op, rf, _pair(op.pool_size), _pair(op.strides), (1, 1))
     if isinstance(op, layers.ZeroPadding2D):
         (top, _), (left, _) = op.padding
-        return ReceptiveField(rf.jump, rf.size, (rf.start[0] - top * rf.jump[0], rf.start[1] - left * rf.jump[1]),
-                              rf.global_layer, rf.same_strided)
+        return ReceptiveField(
+            rf.jump,
+            rf.size,
+            (rf.start[0] - top * rf.jump[0], rf.start[1] - left * rf.jump[1]),
+            rf.global_layer,
+            rf.same_strided,
+        )
     if isinstance(op, layers.Cropping2D):
         (top, _), (left, _) = op.cropping
-        return ReceptiveField(rf.jump, rf.size, (rf.start[0] + top * rf.jump[0], rf.start[1] + left * rf.jump[1]),
-                              rf.global_layer, rf.same_strided)
+        return ReceptiveField(
+            rf.jump,
+            rf.size,
+            (rf.start[0] + top * rf.jump[0], rf.start[1] + left * rf.jump[1]),
+            rf.global_layer,
+            rf.same_strided,
+        )
     if isinstance(op, (layers.GlobalAveragePooling2D, layers.GlobalMaxPooling2D)):
         return ReceptiveField(rf.jump, rf.size, rf.start, rf.global_layer or op.name, rf.same_strided)
     if isinstance(op, (layers.Reshape, layers.Flatten, layers.Dense)):
@@ -194,7 +237,9 @@ def receptive_field(graph_model: keras.Model) -> ReceptiveField:
             raise UnsupportedModelError(f"layer {op.name!r} merges tensors of different strides")
         widest = max(inputs, key=lambda f: (f.global_layer is None, f.size))
         merged = ReceptiveField(
-            widest.jump, widest.size, widest.start,
+            widest.jump,
+            widest.size,
+            widest.start,
             next((f.global_layer for f in inputs if f.global_layer), None),
             tuple(dict.fromkeys(s for f in inputs for s in f.same_strided)),
         )
@@ -230,14 +275,14 @@ class FullyConvolutional:
     model: keras.Model
     trunk: keras.Model
     head: keras.Model
-    window: tuple[int, int]          # native input (h, w)
+    window: tuple[int, int]  # native input (h, w)
     feature_window: tuple[int, int]  # feature cells per native window (fh, fw)
-    channels: int                    # input channels
-    field: ReceptiveField            # receptive field of one trunk cell
-    head_kind: str                   # "flatten" | "global_average" | "global_max"
-    bytes_per_pixel: float           # largest trunk activation, float32 bytes per input pixel
+    channels: int  # input channels
+    field: ReceptiveField  # receptive field of one trunk cell
+    head_kind: str  # "flatten" | "global_average" | "global_max"
+    bytes_per_pixel: float  # largest trunk activation, float32 bytes per input pixel
     window_conv: layers.Conv2D | None = None  # the Flatten+Dense head's window-sized convolution
-    head_rest: keras.Model | None = None      # the head after that convolution
+    head_rest: keras.Model | None = None  # the head after that convolution
 
     @property
     def stride(self) -> tuple[int, int]:
@@ -271,7 +316,8 @@ class FullyConvolutional:
         out_rows, out_cols = rows - fh + 1, cols - fw + 1
         x = keras.ops.convert_to_tensor(features)
         patches = keras.ops.concatenate(
-            [x[:, dy:dy + out_rows, dx:dx + out_cols, :] for dy in range(fh) for dx in range(fw)], axis=-1)
+            [x[:, dy : dy + out_rows, dx : dx + out_cols, :] for dy in range(fh) for dx in range(fw)], axis=-1
+        )
         kernel = keras.ops.reshape(conv.kernel, (fh * fw * channels, conv.filters))  # (dy, dx, c) order
         y = keras.ops.matmul(keras.ops.reshape(patches, (out_rows * out_cols, fh * fw * channels)), kernel)
         if conv.use_bias:
@@ -396,9 +442,17 @@ def to_fully_convolutional(model: keras.Model, input_size: tuple[int, int] | Non
                 raise UnsupportedModelError(
                     f"layer {op.name!r} expects {op.kernel.shape[0]} inputs, the feature map gives {expected}"
                 )
-            conv = layers.Conv2D(op.units, kernel_size, padding="valid", activation=op.activation,
-                                 use_bias=op.use_bias, name=f"{op.name}_conv", dtype=op.dtype_policy,
-                                 kernel_initializer="zeros", bias_initializer="zeros")
+            conv = layers.Conv2D(
+                op.units,
+                kernel_size,
+                padding="valid",
+                activation=op.activation,
+                use_bias=op.use_bias,
+                name=f"{op.name}_conv",
+                dtype=op.dtype_policy,
+                kernel_initializer="zeros",
+                bias_initializer="zeros",
+            )
             x = conv(x)
             head_layers.append(conv)
             # Assign tensor to tensor: no numpy copy of a (VGG16: 411 MB) kernel on the way.
@@ -429,10 +483,17 @@ def to_fully_convolutional(model: keras.Model, input_size: tuple[int, int] | Non
     scores = head(trunk.output)
     fcn_model = keras.Model(trunk.input, scores, name=f"{model.name}_fcn")
     return FullyConvolutional(
-        model=fcn_model, trunk=trunk, head=head, window=window, feature_window=feature_window,
-        channels=channels, field=field, head_kind=head_kind,
+        model=fcn_model,
+        trunk=trunk,
+        head=head,
+        window=window,
+        feature_window=feature_window,
+        channels=channels,
+        field=field,
+        head_kind=head_kind,
         bytes_per_pixel=_largest_activation(trunk_graph) / (window[0] * window[1]),
-        window_conv=window_conv, head_rest=head_rest,
+        window_conv=window_conv,
+        head_rest=head_rest,
     )
 
 

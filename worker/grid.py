@@ -7,8 +7,8 @@ row and column are pulled flush with the image border, so ``rows``/``cols`` are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -19,20 +19,21 @@ ProgressFn = Callable[[int, int], None]
 
 @dataclass
 class ScoreGrid:
-    scores: np.ndarray        # (rows, cols, classes) float32
-    rows: np.ndarray          # (rows,) int, top pixel of each window row
-    cols: np.ndarray          # (cols,) int, left pixel of each window column
-    window: tuple[int, int]   # (h, w) of a window in pixels
-    stride: tuple[int, int]   # nominal stride between windows
+    scores: np.ndarray  # (rows, cols, classes) float32
+    rows: np.ndarray  # (rows,) int, top pixel of each window row
+    cols: np.ndarray  # (cols,) int, left pixel of each window column
+    window: tuple[int, int]  # (h, w) of a window in pixels
+    stride: tuple[int, int]  # nominal stride between windows
     class_indices: np.ndarray  # (classes,) model output index of each score channel
 
-    def select(self, class_indices) -> "ScoreGrid":
+    def select(self, class_indices) -> ScoreGrid:
         """Keep only the given model output indices (in that order)."""
         wanted = np.asarray(class_indices, dtype=np.int64)
         position = {int(c): k for k, c in enumerate(self.class_indices)}
         take = [position[int(c)] for c in wanted]
-        return ScoreGrid(np.ascontiguousarray(self.scores[:, :, take]), self.rows, self.cols, self.window,
-                         self.stride, wanted)
+        return ScoreGrid(
+            np.ascontiguousarray(self.scores[:, :, take]), self.rows, self.cols, self.window, self.stride, wanted
+        )
 
     def peak(self, channel: int) -> tuple[int, int, float]:
         """(y, x, score) of the best window's centre for score channel `channel`."""

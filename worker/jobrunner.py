@@ -14,21 +14,22 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
-from sqlalchemy.exc import OperationalError, DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
-from shared import jobs
+from shared import job_store
 from shared.database import session_scope
-from shared.errors import InputError
+from shared.exceptions import InputError
 from shared.imageio import ImageError
 from shared.jobspec import JobParams
 from shared.settings import Settings
 from shared.storage import Storage, StorageError
 from worker.engine import run_inference
-from worker.models import ModelRegistry, ModelUnavailableError
+from worker.model_registry import ModelRegistry, ModelUnavailableError
 
 log = logging.getLogger("heatmaps.worker")
 T = TypeVar("T")
@@ -71,7 +72,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -88,7 +89,7 @@ class Heartbeat:
     def beat(self) -> None:
         url = self.context.settings.resolved_database_url
         with session_scope(url) as session:
-            if not jobs.heartbeat(session, self.job_id, self.token, self.done, self.total):
+            if not job_store.heartbeat(session, self.job_id, self.token, self.done, self.total):
                 self.lost.set()
 
     def _run(self) -> None:
@@ -106,14 +107,14 @@ def execute(job_id: str, context: WorkerContext) -> str:
 
     def _claim():
         with session_scope(url) as session:
-            return jobs.claim(session, job_id, context.name)
+            return job_store.claim(session, job_id, context.name)
 
     token = with_retries(settings, _claim, "claim")
     if token is None:
         log.info("job %s is not queued; duplicate delivery ignored", job_id)
         return "skipped"
     with session_scope(url) as session:
-        job = jobs.get_job(session, job_id)
+        job = job_store.get_job(session, job_id)
         image_key, raw_params = job.image_key, job.params
     workdir = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-"))
     outcome = "failed"
@@ -135,8 +136,13 @@ def execute(job_id: str, context: WorkerContext) -> str:
             except OSError as exc:  # the worker's scratch space is full or failing
                 _fail(context, job_id, token, "storage_error", f"could not write results: {exc}")
             except MemoryError:
-                _fail(context, job_id, token, "out_of_memory", "the image needs more memory than this worker has; "
-                      "lower memory_budget_mb or use a larger worker")
+                _fail(
+                    context,
+                    job_id,
+                    token,
+                    "out_of_memory",
+                    "the image needs more memory than this worker has; lower memory_budget_mb or use a larger worker",
+                )
             except ValueError as exc:
                 _fail(context, job_id, token, "invalid_input", str(exc))
             except Exception as exc:
@@ -155,22 +161,30 @@ def execute(job_id: str, context: WorkerContext) -> str:
 def _fail(context: WorkerContext, job_id: str, token: str, code: str, message: str) -> None:
     def _write():
         with session_scope(context.settings.resolved_database_url) as session:
-            return jobs.finish_failed(session, job_id, token, code, message)
+            return job_store.finish_failed(session, job_id, token, code, message)
 
     with_retries(context.settings, _write, "record failure")
     log.info("job %s failed: %s: %s", job_id, code, message)
 
 
-def _run(job_id: str, token: str, image_key: str, raw_params: dict, context: WorkerContext,
-         heartbeat: Heartbeat, workdir: Path) -> str:
+def _run(
+    job_id: str,
+    token: str,
+    image_key: str,
+    raw_params: dict,
+    context: WorkerContext,
+    heartbeat: Heartbeat,
+    workdir: Path,
+) -> str:
     settings, storage = context.settings, context.storage
     params = JobParams.from_json(raw_params)
     image_path = storage.local_path(image_key)
     if image_path is None:
         image_path = with_retries(settings, lambda: storage.fetch_to(image_key, workdir / "image"), "download")
     out_dir = workdir / "out"
-    summary = run_inference(image_path, params, context.registry, out_dir, max_pixels=settings.max_image_pixels,
-                            progress=heartbeat.progress)
+    summary = run_inference(
+        image_path, params, context.registry, out_dir, max_pixels=settings.max_image_pixels, progress=heartbeat.progress
+    )
     heartbeat.progress(heartbeat.total, heartbeat.total)  # last chance to notice a cancel before storing
 
     prefix = f"results/{job_id}"
@@ -186,14 +200,14 @@ def _run(job_id: str, token: str, image_key: str, raw_params: dict, context: Wor
 
     def _commit():
         with session_scope(settings.resolved_database_url) as session:
-            return jobs.finish_succeeded(session, job_id, token, result, summary["timings"]["inference_s"])
+            return job_store.finish_succeeded(session, job_id, token, result, summary["timings"]["inference_s"])
 
     if with_retries(settings, _commit, "commit result"):
         log.info("job %s succeeded", job_id)
         return "succeeded"
     # Canceled while storing, or re-queued to another worker: keep the row's truth.
     with session_scope(settings.resolved_database_url) as session:
-        job = jobs.get_job(session, job_id)
+        job = job_store.get_job(session, job_id)
         if job is not None and job.status == "canceled":
             storage.delete_prefix(prefix)
     return "canceled"

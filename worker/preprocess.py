@@ -7,11 +7,11 @@ has never seen. Each model declares its mode in its sidecar; these are the four 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from shared.catalog import PREPROCESS_MODES  # noqa: E402 - the catalogue validates sidecars with it
+from shared.catalog import PREPROCESS_MODES
 
 _CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 _TORCH_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)

@@ -48,15 +48,19 @@ def get_context():
         configure_accelerator()
         from shared.storage import Storage
         from worker.jobrunner import WorkerContext
-        from worker.models import ModelRegistry
+        from worker.model_registry import ModelRegistry
 
         registry = ModelRegistry(settings.model_dirs, settings.vgg16_weights)
-        _context = WorkerContext(settings=settings, storage=Storage(settings.resolved_storage_url), registry=registry,
-                                 name=os.environ.get("WORKER_NAME") or _hostname())
+        _context = WorkerContext(
+            settings=settings,
+            storage=Storage(settings.resolved_storage_url),
+            registry=registry,
+            name=os.environ.get("WORKER_NAME") or _hostname(),
+        )
         for name in filter(None, os.environ.get("WORKER_PRELOAD_MODELS", settings.default_model).split(",")):
             try:
                 loaded = registry.load(name.strip())
-                loaded.fcn  # convert once now, not on the first job
+                _ = loaded.fcn  # convert once now, not on the first job
             except Exception as exc:  # a model that cannot load fails its jobs, not the worker
                 log.warning("could not preload model %s: %s", name, exc)
     return _context

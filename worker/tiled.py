@@ -8,7 +8,7 @@ scores kept as a grid: memory is O(windows x classes), never H x W x classes.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
@@ -65,12 +65,12 @@ def tiled_inference(
     selection = None if class_indices is None else np.asarray(class_indices, dtype=np.int64)
 
     positions = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
-    batches = [positions[k:k + batch_size] for k in range(0, len(positions), batch_size)]
+    batches = [positions[k : k + batch_size] for k in range(0, len(positions), batch_size)]
     scores = None
     batch = np.zeros((batch_size, window[0], window[1], image.shape[2]), dtype=np.uint8)
     for done, members in enumerate(batches, start=1):
         for slot, (i, j) in enumerate(members):
-            batch[slot] = image[rows[i]:rows[i] + window[0], cols[j]:cols[j] + window[1]]
+            batch[slot] = image[rows[i] : rows[i] + window[0], cols[j] : cols[j] + window[1]]
         out = keras.ops.convert_to_numpy(classifier.predict_on_batch(preprocess(batch[: len(members)])))
         if selection is not None:
             out = out[:, selection]

@@ -1,4 +1,4 @@
-"""Model catalogue and registry (shared.catalog, worker.models): VGG16 weight resolution
+"""Model catalogue and registry (shared.catalog, worker.model_registry): VGG16 weight resolution
 without downloads, the built-in catalogue entry, sidecar validation, user-model checks.
 """
 
@@ -15,7 +15,7 @@ h5py = pytest.importorskip("h5py")
 layers = keras.layers
 
 from shared.catalog import CatalogError, ModelCatalog  # noqa: E402
-from worker.models import (  # noqa: E402
+from worker.model_registry import (  # noqa: E402
     VGG16_WEIGHTS_FILE,
     ModelRegistry,
     ModelUnavailableError,
@@ -27,12 +27,14 @@ BUILTIN = ROOT / "models"
 
 
 def tiny_model(outputs=3, size=16):
-    return keras.Sequential([
-        keras.Input((size, size, 3)),
-        layers.Conv2D(4, 3, activation="relu"),
-        layers.GlobalAveragePooling2D(),
-        layers.Dense(outputs),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((size, size, 3)),
+            layers.Conv2D(4, 3, activation="relu"),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(outputs),
+        ]
+    )
 
 
 @pytest.fixture
@@ -45,6 +47,7 @@ def empty_keras_home(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- VGG16 weights
+
 
 def test_vgg16_without_weights_explains_how_to_provide_them(empty_keras_home):
     registry = ModelRegistry([BUILTIN])
@@ -109,7 +112,7 @@ def test_vgg16_loads_weights_from_keras_cache(empty_keras_home):
     assert loaded.window == (224, 224)
     got = loaded.classifier.get_weights()
     assert len(got) == len(weights)
-    for mine, theirs in zip(got, weights):
+    for mine, theirs in zip(got, weights, strict=True):
         np.testing.assert_array_equal(mine, theirs)
     assert registry.load("vgg16") is loaded  # loaded once per process
     # caffe preprocessing is wired in for it.
@@ -118,6 +121,7 @@ def test_vgg16_loads_weights_from_keras_cache(empty_keras_home):
 
 
 # --------------------------------------------------------------------------- catalogue
+
 
 def test_catalog_lists_vgg16():
     catalog = ModelCatalog([BUILTIN])
@@ -164,8 +168,7 @@ def test_sidecar_problems_are_reported_not_raised(tmp_path):
     catalog = ModelCatalog([tmp_path])
     assert catalog.names() == ["good"]
     problems = {Path(k).stem: v for k, v in catalog.problems.items()}
-    assert set(problems) == {"noclasses", "emptyclasses", "badpre", "nofile", "dupes", "notjson", "nosize",
-                             "badkind"}
+    assert set(problems) == {"noclasses", "emptyclasses", "badpre", "nofile", "dupes", "notjson", "nosize", "badkind"}
     assert "classes" in problems["noclasses"]
     assert "preprocess" in problems["badpre"]
     assert "nofile.keras" in problems["nofile"]

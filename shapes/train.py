@@ -4,7 +4,7 @@ Why this module exists
 ----------------------
 The service, its tests and its demo must work offline and produce heatmaps that can be
 checked against known objects.  This script trains a tiny VGG-like classifier on synthetic
-64x64 crops from :mod:`worker.scenes` (classes: background, circle, square, triangle,
+64x64 crops from :mod:`shapes.scenes` (classes: background, circle, square, triangle,
 cross), evaluates it on a held-out synthetic set made with a different seed, and saves:
 
 * ``<out>/shapes.keras`` - Keras 3 native format, inference-only (no optimizer state);
@@ -19,7 +19,7 @@ model, by the inference engine (and by :func:`preprocess` here).
 Only ``keras`` + ``numpy`` are used (no ``tf.*``), so it runs under any Keras backend.
 Retrain (about 5 minutes on 2 CPU cores)::
 
-    python -m worker.train_shapes --out models --epochs 6 --samples 30000 --seed 1234
+    python -m shapes.train --out models --epochs 6 --samples 30000 --seed 1234
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
-
 import keras
+import numpy as np
 from keras import layers
 
-from worker.scenes import SHAPE_CLASSES, WINDOW, make_crop
+from shapes.scenes import SHAPE_CLASSES, WINDOW, make_crop
 
 INPUT_SIZE = (WINDOW, WINDOW)
 #: Fraction of training crops that are background (the rest is split evenly).
@@ -77,9 +76,7 @@ def build_model() -> keras.Model:
     )
 
 
-def make_dataset(
-    n: int, seed: int, background_fraction: float = BACKGROUND_FRACTION
-) -> tuple[np.ndarray, np.ndarray]:
+def make_dataset(n: int, seed: int, background_fraction: float = BACKGROUND_FRACTION) -> tuple[np.ndarray, np.ndarray]:
     """``n`` synthetic crops (uint8 N x 64 x 64 x 3) and integer labels, shuffled."""
     rng = np.random.default_rng(seed)
     n_bg = int(round(n * background_fraction))
@@ -151,9 +148,7 @@ def train(out: Path, epochs: int, samples: int, seed: int, heldout: int, batch_s
     model = build_model()
     model.summary()
     steps = epochs * math.ceil(samples / batch_size)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        1e-3, decay_steps=steps, warmup_target=None, alpha=0.02
-    )
+    schedule = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=steps, warmup_target=None, alpha=0.02)
     model.compile(
         optimizer=keras.optimizers.Adam(schedule),
         loss="sparse_categorical_crossentropy",
@@ -190,7 +185,7 @@ def train(out: Path, epochs: int, samples: int, seed: int, heldout: int, batch_s
             "Bundled demo/test model: a small VGG-like CNN (output stride 16, Flatten+Dense "
             "head) that says whether a 64x64 window has a circle, square, triangle or cross "
             "roughly centred in it (else background). Trained on synthetic textured crops by "
-            "worker/train_shapes.py; scenes with known objects come from worker/scenes.py."
+            "shapes/train.py; scenes with known objects come from shapes/scenes.py."
         ),
         "training": {
             "seed": seed,
@@ -204,10 +199,7 @@ def train(out: Path, epochs: int, samples: int, seed: int, heldout: int, batch_s
             "train_seconds": round(fit_s, 1),
             "keras_version": keras.__version__,
             "backend": keras.backend.backend(),
-            "command": (
-                f"python -m worker.train_shapes --out {out} --epochs {epochs} "
-                f"--samples {samples} --seed {seed}"
-            ),
+            "command": (f"python -m shapes.train --out {out} --epochs {epochs} --samples {samples} --seed {seed}"),
         },
     }
     (out / "shapes.json").write_text(json.dumps(sidecar, indent=2) + "\n")
@@ -228,8 +220,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--heldout", type=int, default=DEFAULTS["heldout"], help="held-out crops")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--evaluate", type=Path, default=None, metavar="MODEL",
-                   help="only measure MODEL (e.g. models/shapes.keras) on the held-out set of --seed")
+    p.add_argument(
+        "--evaluate",
+        type=Path,
+        default=None,
+        metavar="MODEL",
+        help="only measure MODEL (e.g. models/shapes.keras) on the held-out set of --seed",
+    )
     a = p.parse_args(argv)
     if a.evaluate is not None:
         evaluate_saved(a.evaluate, a.seed, a.heldout)

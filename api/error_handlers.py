@@ -18,9 +18,19 @@ from werkzeug.exceptions import HTTPException
 log = logging.getLogger("heatmaps.api")
 
 _CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    406: "not_acceptable", 409: "conflict", 411: "length_required", 413: "payload_too_large",
-    415: "unsupported_media_type", 422: "invalid_parameter", 429: "rate_limited", 500: "internal_error",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    411: "length_required",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_parameter",
+    429: "rate_limited",
+    500: "internal_error",
     503: "service_unavailable",
 }
 
@@ -92,14 +102,16 @@ def register_error_handlers(app) -> None:
     @app.errorhandler(DBAPIError)
     def _database_down(error):
         log.warning("database unavailable: %s", str(error).splitlines()[0])
-        return error_response(503, "database_unavailable", "the database is unavailable; try again shortly",
-                              {"Retry-After": "5"})
+        return error_response(
+            503, "database_unavailable", "the database is unavailable; try again shortly", {"Retry-After": "5"}
+        )
 
     @app.errorhandler(RedisError)
     def _redis_down(error):
         log.warning("redis unavailable: %s", error)
-        return error_response(503, "broker_unavailable", "the broker is unavailable; try again shortly",
-                              {"Retry-After": "5"})
+        return error_response(
+            503, "broker_unavailable", "the broker is unavailable; try again shortly", {"Retry-After": "5"}
+        )
 
     @app.errorhandler(Exception)
     def _unexpected(error):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import keras
 import numpy as np
@@ -23,8 +23,9 @@ from worker.fcn import FullyConvolutional, to_fully_convolutional
 from worker.preprocess import get_preprocess
 
 VGG16_WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
-VGG16_WEIGHTS_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
-                     "vgg16_weights_tf_dim_ordering_tf_kernels.h5")
+VGG16_WEIGHTS_URL = (
+    "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5"
+)
 
 
 class ModelUnavailableError(RuntimeError):
@@ -109,7 +110,9 @@ class ModelRegistry:
         if path.suffix in (".keras", ".h5") and path.exists():
             sidecar = path.with_suffix(".json")
             if not sidecar.exists():
-                raise CatalogError("invalid_model", f"{path}: needs a sidecar {sidecar.name} with classes and preprocess")
+                raise CatalogError(
+                    "invalid_model", f"{path}: needs a sidecar {sidecar.name} with classes and preprocess"
+                )
             return load_sidecar(sidecar)
         return self.catalog.get(name_or_path)  # raises unknown_model
 

@@ -12,17 +12,17 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 
 from api.auth import authenticate
-from api.errors import ApiError
+from api.error_handlers import ApiError
 from api.schemas import SUBMIT_REQUEST_BODY, JobListQuerySchema, JobListSchema, JobSchema
-from shared import jobs, ratelimit
+from shared import job_store, ratelimit
 from shared.catalog import CatalogError
 from shared.database import session_scope
 from shared.imageio import ImageError, probe_image
 from shared.jobspec import ParameterError, validate_params
-from shared.models import Job, new_job_id
 from shared.queue import send_job
 from shared.reconcile import delete_job_files
 from shared.storage import StorageError
+from shared.tables import Job, new_job_id
 
 log = logging.getLogger("heatmaps.api")
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Heatmap jobs")
@@ -30,8 +30,14 @@ blp.before_request(authenticate)
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 FORM_FIELDS = {"model", "mode", "stride", "batch_size", "top_k", "classes", "weighting"}
-IMAGE_STATUS = {"empty_file": 400, "corrupt_image": 400, "unsupported_format": 415, "multi_frame": 415,
-                "too_many_pixels": 413, "image_too_small": 422}
+IMAGE_STATUS = {
+    "empty_file": 400,
+    "corrupt_image": 400,
+    "unsupported_format": 415,
+    "multi_frame": 415,
+    "too_many_pixels": 413,
+    "image_too_small": 422,
+}
 
 
 def _ctx():
@@ -64,18 +70,32 @@ def represent(job: Job) -> dict:
             "summary_url": url_for("jobs.summary", job_id=job.id),
         }
     return {
-        "id": job.id, "status": job.status, "progress": job.progress, "created_at": job.created_at,
-        "started_at": job.started_at, "finished_at": job.finished_at, "model": job.model, "mode": job.mode,
-        "params": job.params, "attempts": job.attempts, "worker": job.worker,
-        "image": {"width": job.image_width, "height": job.image_height, "sha256": job.image_sha256,
-                  "format": job.image_format, "bytes": job.image_bytes},
+        "id": job.id,
+        "status": job.status,
+        "progress": job.progress,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "model": job.model,
+        "mode": job.mode,
+        "params": job.params,
+        "attempts": job.attempts,
+        "worker": job.worker,
+        "image": {
+            "width": job.image_width,
+            "height": job.image_height,
+            "sha256": job.image_sha256,
+            "format": job.image_format,
+            "bytes": job.image_bytes,
+        },
         "error": {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
-        "result": result, "url": job_url(job.id),
+        "result": result,
+        "url": job_url(job.id),
     }
 
 
 def _load_job(session, job_id: str) -> Job:
-    job = jobs.get_job(session, job_id, owner=g.owner) if JOB_ID_RE.match(job_id) else None
+    job = job_store.get_job(session, job_id, owner=g.owner) if JOB_ID_RE.match(job_id) else None
     if job is None:
         raise ApiError(404, "not_found", "no such job")
     return job
@@ -113,14 +133,23 @@ class Jobs(MethodView):
             raise ApiError(400, "invalid_parameter", f"unknown query parameter {unknown[0][:50]!r}")
         with _db() as session:
             try:
-                page = jobs.list_jobs(session, g.owner, query.get("status"), query["limit"], query.get("cursor"))
-            except jobs.BadCursor:
+                page = job_store.list_jobs(session, g.owner, query.get("status"), query["limit"], query.get("cursor"))
+            except job_store.BadCursor:
                 raise ApiError(400, "invalid_parameter", "cursor is not valid") from None
             return {"jobs": [represent(job) for job in page.jobs], "next_cursor": page.next_cursor}
 
-    @blp.doc(requestBody=SUBMIT_REQUEST_BODY, parameters=[{
-        "in": "header", "name": "Idempotency-Key", "required": False, "schema": {"type": "string", "maxLength": 200},
-        "description": "the same key returns the same job (200) instead of creating a new one"}])
+    @blp.doc(
+        requestBody=SUBMIT_REQUEST_BODY,
+        parameters=[
+            {
+                "in": "header",
+                "name": "Idempotency-Key",
+                "required": False,
+                "schema": {"type": "string", "maxLength": 200},
+                "description": "the same key returns the same job (200) instead of creating a new one",
+            }
+        ],
+    )
     @blp.response(202, JobSchema, description="accepted; poll the Location")
     @blp.alt_response(200, schema=JobSchema, description="an earlier job with the same Idempotency-Key")
     def post(self):
@@ -133,15 +162,20 @@ class Jobs(MethodView):
             raise ApiError(400, "invalid_parameter", "Idempotency-Key must be 1 to 200 characters")
         if idempotency_key:
             with _db() as session:
-                existing = jobs.find_by_idempotency_key(session, g.owner, idempotency_key)
+                existing = job_store.find_by_idempotency_key(session, g.owner, idempotency_key)
                 if existing is not None:
                     return represent(existing), 200, {"Location": job_url(existing.id)}
 
         model_name = request.form.get("model") or settings.default_model
         try:
             info = ctx.catalog().get(model_name)
-            params = validate_params(request.form, info, max_batch_size=settings.max_batch_size,
-                                     max_top_k=settings.max_top_k, memory_budget_mb=settings.memory_budget_mb)
+            params = validate_params(
+                request.form,
+                info,
+                max_batch_size=settings.max_batch_size,
+                max_top_k=settings.max_top_k,
+                memory_budget_mb=settings.memory_budget_mb,
+            )
         except (CatalogError, ParameterError) as exc:
             raise ApiError(400, exc.code, exc.message) from None
         try:
@@ -156,14 +190,21 @@ class Jobs(MethodView):
             except RedisError as exc:  # fail open: a broker outage must not stop accepting work
                 log.warning("rate limit not checked (redis unavailable): %s", exc)
         if retry_after is not None:
-            raise ApiError(429, "rate_limited", f"more than {settings.rate_limit_per_minute} submissions a minute",
-                           {"Retry-After": str(retry_after)})
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"more than {settings.rate_limit_per_minute} submissions a minute",
+                {"Retry-After": str(retry_after)},
+            )
         if settings.max_active_jobs_per_key:
             with _db() as session:
-                if jobs.count_active(session, g.owner) >= settings.max_active_jobs_per_key:
-                    raise ApiError(429, "too_many_active_jobs",
-                                   f"at most {settings.max_active_jobs_per_key} queued or running jobs per key",
-                                   {"Retry-After": "10"})
+                if job_store.count_active(session, g.owner) >= settings.max_active_jobs_per_key:
+                    raise ApiError(
+                        429,
+                        "too_many_active_jobs",
+                        f"at most {settings.max_active_jobs_per_key} queued or running jobs per key",
+                        {"Retry-After": "10"},
+                    )
 
         job_id = new_job_id()
         image_key = f"uploads/{job_id}/image{image.extension}"
@@ -172,18 +213,30 @@ class Jobs(MethodView):
             size, digest = ctx.storage.put_stream(image_key, upload.stream)
         except StorageError as exc:
             log.error("upload store failed: %s", exc)
-            raise ApiError(503, "storage_unavailable", "could not store the upload; try again shortly",
-                           {"Retry-After": "5"}) from None
-        job = Job(id=job_id, owner=g.owner, idempotency_key=idempotency_key or None, model=info.name,
-                  mode=params.mode, params=params.to_json(), image_key=image_key, image_format=image.format,
-                  image_width=image.width, image_height=image.height, image_sha256=digest, image_bytes=size)
+            raise ApiError(
+                503, "storage_unavailable", "could not store the upload; try again shortly", {"Retry-After": "5"}
+            ) from None
+        job = Job(
+            id=job_id,
+            owner=g.owner,
+            idempotency_key=idempotency_key or None,
+            model=info.name,
+            mode=params.mode,
+            params=params.to_json(),
+            image_key=image_key,
+            image_format=image.format,
+            image_width=image.width,
+            image_height=image.height,
+            image_sha256=digest,
+            image_bytes=size,
+        )
         try:
             with _db() as session:
                 session.add(job)
         except IntegrityError:  # a concurrent request with the same Idempotency-Key won
             ctx.storage.delete_prefix(f"uploads/{job_id}")
             with _db() as session:
-                existing = jobs.find_by_idempotency_key(session, g.owner, idempotency_key)
+                existing = job_store.find_by_idempotency_key(session, g.owner, idempotency_key)
                 return represent(existing), 200, {"Location": job_url(existing.id)}
         except Exception:
             ctx.storage.delete_prefix(f"uploads/{job_id}")
@@ -191,7 +244,7 @@ class Jobs(MethodView):
         try:
             send_job(settings, job_id)
             with _db() as session:
-                jobs.mark_enqueued(session, job_id)
+                job_store.mark_enqueued(session, job_id)
         except Exception as exc:  # broker down: the row stays queued; the reconciler sends it later
             log.warning("job %s accepted but not sent yet: %s", job_id, exc)
         return represent(job), 202, {"Location": job_url(job_id)}
@@ -211,14 +264,14 @@ class JobResource(MethodView):
         """Cancel a queued or running job; delete a finished job and its artifacts."""
         with _db() as session:
             job = _load_job(session, job_id)
-            if jobs.cancel(session, job.id):
+            if job_store.cancel(session, job.id):
                 session.commit()
                 session.refresh(job)
                 return represent(job), 202
         with _db() as session:
             job = _load_job(session, job_id)
             delete_job_files(_ctx().storage, job.id)
-            jobs.delete_finished(session, job.id)
+            job_store.delete_finished(session, job.id)
         return "", 204
 
 
@@ -232,7 +285,9 @@ def _artifact(job_id: str, pick):
         raise ApiError(404, "not_found", "no such artifact")
     storage = _ctx().storage
     local = storage.local_path(key)
-    mimetype = {"npz": "application/octet-stream", "json": "application/json", "png": "image/png"}[key.rsplit(".", 1)[1]]
+    mimetype = {"npz": "application/octet-stream", "json": "application/json", "png": "image/png"}[
+        key.rsplit(".", 1)[1]
+    ]
     if local is not None:
         if not local.is_file():
             raise ApiError(404, "not_found", "the artifact is gone (retention)")
@@ -241,8 +296,11 @@ def _artifact(job_id: str, pick):
 
 
 @blp.route("/<string:job_id>/heatmap", endpoint="heatmap")
-@blp.response(200, description="heatmap.npz: scores (rows, cols, classes), classes, rows, cols, window, stride",
-              content_type="application/octet-stream")
+@blp.response(
+    200,
+    description="heatmap.npz: scores (rows, cols, classes), classes, rows, cols, window, stride",
+    content_type="application/octet-stream",
+)
 def heatmap(job_id):
     """Download the score grid as a NumPy .npz."""
     return _artifact(job_id, lambda a: a["heatmap"])

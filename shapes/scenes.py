@@ -30,8 +30,8 @@ Conventions
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -200,8 +200,20 @@ def _unit_polygon(label: str, rng: np.random.Generator) -> np.ndarray:
     if label == "cross":
         t = float(rng.uniform(0.26, 0.38))  # arm half-thickness relative to half-size 1
         return np.array(
-            [[-t, -1], [t, -1], [t, -t], [1, -t], [1, t], [t, t],
-             [t, 1], [-t, 1], [-t, t], [-1, t], [-1, -t], [-t, -t]],
+            [
+                [-t, -1],
+                [t, -1],
+                [t, -t],
+                [1, -t],
+                [1, t],
+                [t, t],
+                [t, 1],
+                [-t, 1],
+                [-t, t],
+                [-1, t],
+                [-1, -t],
+                [-t, -t],
+            ],
             dtype=np.float64,
         )
     raise ValueError(f"unknown polygon shape {label!r}")
@@ -310,7 +322,6 @@ def random_colour(
 ) -> tuple[int, int, int]:
     """A random RGB colour at least ``min_contrast`` (RGB distance) from ``background_mean``."""
     bg = None if background_mean is None else np.asarray(background_mean, dtype=np.float64)
-    best, best_d = None, -1.0
     for _ in range(64):
         c = rng.integers(0, 256, size=3)
         if rng.random() < 0.3:  # sometimes grey-ish / dark / light
@@ -321,8 +332,6 @@ def random_colour(
         d = float(np.linalg.norm(c - bg))
         if d >= min_contrast:
             return tuple(int(v) for v in c)
-        if d > best_d:
-            best, best_d = c, d
     # Fallback: push away from the background towards the opposite corner of the cube.
     c = np.where(bg > 127, 0, 255)
     return tuple(int(v) for v in c)
@@ -367,8 +376,14 @@ def _draw_clutter(image: np.ndarray, rng, n_items: int, max_dot: float) -> None:
             r = rng.uniform(1.0, max(1.5, max_dot / 2))
             draw.ellipse([x - r, y - r, x + r, y + r], fill=col)
         else:  # tiny shape (far smaller than any object)
-            tiny.append((OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))],
-                         (rng.uniform(0, w), rng.uniform(0, h)), rng.uniform(4, max_dot), col))
+            tiny.append(
+                (
+                    OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))],
+                    (rng.uniform(0, w), rng.uniform(0, h)),
+                    rng.uniform(4, max_dot),
+                    col,
+                )
+            )
     image[...] = np.asarray(pil)
     for label, c, s, col in tiny:
         draw_shape(image, label, c, s, col, rng, outline=False)

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, delete, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from shared.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, JobStatus, utcnow
+from shared.tables import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, JobStatus, utcnow
 
 _ACTIVE = [s.value for s in ACTIVE_STATUSES]
 _TERMINAL = [s.value for s in TERMINAL_STATUSES]
@@ -107,9 +107,17 @@ def claim(session: Session, job_id: str, worker: str) -> str | None:
     token = uuid.uuid4().hex
     now = utcnow()
     claimed = _set(
-        session, and_(Job.id == job_id, Job.status == JobStatus.queued.value),
-        status=JobStatus.running.value, attempts=Job.attempts + 1, worker=worker[:200], claim_token=token,
-        started_at=now, heartbeat_at=now, progress=0.0, units_done=0, units_total=0,
+        session,
+        and_(Job.id == job_id, Job.status == JobStatus.queued.value),
+        status=JobStatus.running.value,
+        attempts=Job.attempts + 1,
+        worker=worker[:200],
+        claim_token=token,
+        started_at=now,
+        heartbeat_at=now,
+        progress=0.0,
+        units_done=0,
+        units_total=0,
     )
     return token if claimed else None
 
@@ -118,16 +126,25 @@ def heartbeat(session: Session, job_id: str, token: str, units_done: int, units_
     """Record progress; False means this worker no longer holds the job (canceled or re-queued)."""
     progress = min(1.0, units_done / units_total) if units_total else 0.0
     return _set(
-        session, and_(Job.id == job_id, Job.claim_token == token, Job.status == JobStatus.running.value),
-        heartbeat_at=utcnow(), units_done=units_done, units_total=units_total, progress=round(progress * 0.99, 4),
+        session,
+        and_(Job.id == job_id, Job.claim_token == token, Job.status == JobStatus.running.value),
+        heartbeat_at=utcnow(),
+        units_done=units_done,
+        units_total=units_total,
+        progress=round(progress * 0.99, 4),
     )
 
 
 def finish_succeeded(session: Session, job_id: str, token: str, result: dict, inference_seconds: float) -> bool:
     return _set(
-        session, and_(Job.id == job_id, Job.claim_token == token, Job.status == JobStatus.running.value),
-        status=JobStatus.succeeded.value, finished_at=utcnow(), progress=1.0, result=result,
-        inference_seconds=inference_seconds, units_done=Job.units_total,
+        session,
+        and_(Job.id == job_id, Job.claim_token == token, Job.status == JobStatus.running.value),
+        status=JobStatus.succeeded.value,
+        finished_at=utcnow(),
+        progress=1.0,
+        result=result,
+        inference_seconds=inference_seconds,
+        units_done=Job.units_total,
     )
 
 
@@ -135,14 +152,26 @@ def finish_failed(session: Session, job_id: str, token: str | None, code: str, m
     condition = and_(Job.id == job_id, Job.status.in_(_ACTIVE))
     if token is not None:
         condition = and_(Job.id == job_id, Job.claim_token == token, Job.status == JobStatus.running.value)
-    return _set(session, condition, status=JobStatus.failed.value, finished_at=utcnow(), error_code=code,
-                error_message=message[:2000])
+    return _set(
+        session,
+        condition,
+        status=JobStatus.failed.value,
+        finished_at=utcnow(),
+        error_code=code,
+        error_message=message[:2000],
+    )
 
 
 def cancel(session: Session, job_id: str) -> bool:
     """queued/running -> canceled. A running worker sees it at its next heartbeat and stops."""
-    return _set(session, and_(Job.id == job_id, Job.status.in_(_ACTIVE)), status=JobStatus.canceled.value,
-                finished_at=utcnow(), error_code="canceled", error_message="canceled by the client")
+    return _set(
+        session,
+        and_(Job.id == job_id, Job.status.in_(_ACTIVE)),
+        status=JobStatus.canceled.value,
+        finished_at=utcnow(),
+        error_code="canceled",
+        error_message="canceled by the client",
+    )
 
 
 def delete_finished(session: Session, job_id: str) -> bool:
@@ -156,20 +185,34 @@ def rescue_stale(session: Session, stale_after_s: float, max_attempts: int) -> t
     used all their attempts. Returns (requeued ids, failed ids)."""
     cutoff = utcnow() - timedelta(seconds=stale_after_s)
     stale = session.execute(
-        select(Job.id, Job.attempts, Job.claim_token)
-        .where(Job.status == JobStatus.running.value, Job.heartbeat_at < cutoff)
+        select(Job.id, Job.attempts, Job.claim_token).where(
+            Job.status == JobStatus.running.value, Job.heartbeat_at < cutoff
+        )
     ).all()
     requeued, failed = [], []
     for job_id, attempts, token in stale:
-        same_attempt = and_(Job.id == job_id, Job.status == JobStatus.running.value, Job.claim_token == token,
-                            Job.heartbeat_at < cutoff)
+        same_attempt = and_(
+            Job.id == job_id, Job.status == JobStatus.running.value, Job.claim_token == token, Job.heartbeat_at < cutoff
+        )
         if attempts >= max_attempts:
-            if _set(session, same_attempt, status=JobStatus.failed.value, finished_at=utcnow(),
-                    error_code="worker_lost",
-                    error_message=f"the worker running this job stopped responding on all {attempts} attempts"):
+            if _set(
+                session,
+                same_attempt,
+                status=JobStatus.failed.value,
+                finished_at=utcnow(),
+                error_code="worker_lost",
+                error_message=f"the worker running this job stopped responding on all {attempts} attempts",
+            ):
                 failed.append(job_id)
-        elif _set(session, same_attempt, status=JobStatus.queued.value, claim_token=None, enqueued_at=None,
-                  worker=None, progress=0.0):
+        elif _set(
+            session,
+            same_attempt,
+            status=JobStatus.queued.value,
+            claim_token=None,
+            enqueued_at=None,
+            worker=None,
+            progress=0.0,
+        ):
             requeued.append(job_id)
     return requeued, failed
 
@@ -180,19 +223,20 @@ def queued_to_send(session: Session, resend_after_s: float, grace_s: float = 2.0
     `claim` lets only one delivery run."""
     now = utcnow()
     rows = session.scalars(
-        select(Job.id).where(
+        select(Job.id)
+        .where(
             Job.status == JobStatus.queued.value,
             or_(
                 and_(Job.enqueued_at.is_(None), Job.created_at < now - timedelta(seconds=grace_s)),
                 Job.enqueued_at < now - timedelta(seconds=resend_after_s),
             ),
-        ).order_by(Job.created_at).limit(limit)
+        )
+        .order_by(Job.created_at)
+        .limit(limit)
     )
     return list(rows)
 
 
 def expired(session: Session, retention_hours: float, limit: int = 500) -> list[Job]:
     cutoff = utcnow() - timedelta(hours=retention_hours)
-    return list(session.scalars(
-        select(Job).where(Job.status.in_(_TERMINAL), Job.finished_at < cutoff).limit(limit)
-    ))
+    return list(session.scalars(select(Job).where(Job.status.in_(_TERMINAL), Job.finished_at < cutoff).limit(limit)))

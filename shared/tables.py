@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import enum
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import JSON, DateTime, Float, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -50,7 +50,7 @@ class UTCDateTime(DateTime):
             if parent is not None:
                 value = parent(value)
             if isinstance(value, datetime) and value.tzinfo is None:
-                value = value.replace(tzinfo=timezone.utc)
+                value = value.replace(tzinfo=UTC)
             return value
 
         return process
@@ -83,16 +83,18 @@ class Job(Base):
     image_bytes: Mapped[int] = mapped_column(Integer)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True,
-                                                         doc="last time the id was sent to the broker")
+    enqueued_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime(), nullable=True, doc="last time the id was sent to the broker"
+    )
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    claim_token: Mapped[str | None] = mapped_column(String(32), nullable=True,
-                                                    doc="set by the worker that holds the job; fences stale workers")
+    claim_token: Mapped[str | None] = mapped_column(
+        String(32), nullable=True, doc="set by the worker that holds the job; fences stale workers"
+    )
     units_done: Mapped[int] = mapped_column(Integer, default=0, doc="tiles or window batches done")
     units_total: Mapped[int] = mapped_column(Integer, default=0)
     inference_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
