@@ -7,49 +7,14 @@ gunicorn 'api:create_app()'              # production (no TensorFlow in this pro
 from __future__ import annotations
 
 import logging
-import threading
-import time
 
-import redis
 from flask import Flask
 
+from api.context import ApiContext
 from api.error_handlers import HeatmapApi, register_error_handlers
-from shared.catalog import ModelCatalog
 from shared.settings import Settings, get_settings
-from shared.storage import Storage
 
 log = logging.getLogger("heatmaps.api")
-CATALOG_TTL_S = 10.0
-
-
-class ApiContext:
-    """What the views share: settings, storage, the model catalogue, a Redis client."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.storage = Storage(settings.resolved_storage_url)
-        self._catalog: ModelCatalog | None = None
-        self._catalog_time = 0.0
-        self._lock = threading.Lock()
-        self._redis = (
-            redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=2)
-            if settings.redis_url
-            else None
-        )
-        self.metrics_registry = None
-
-    def catalog(self) -> ModelCatalog:
-        """Re-scanned every few seconds so that a model dropped into MODELS_DIR appears."""
-        with self._lock:
-            if self._catalog is None or time.monotonic() - self._catalog_time > CATALOG_TTL_S:
-                self._catalog = ModelCatalog(self.settings.model_dirs)
-                self._catalog_time = time.monotonic()
-            return self._catalog
-
-    def redis(self) -> redis.Redis:
-        if self._redis is None:
-            raise redis.ConnectionError("REDIS_URL is not configured")
-        return self._redis
 
 
 def create_app(settings: Settings | None = None) -> Flask:

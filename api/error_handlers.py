@@ -15,6 +15,8 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
+from shared.exceptions import InputError
+
 log = logging.getLogger("heatmaps.api")
 
 _CODES = {
@@ -32,6 +34,16 @@ _CODES = {
     429: "rate_limited",
     500: "internal_error",
     503: "service_unavailable",
+}
+
+
+#: HTTP status of each bad-input code (shared.exceptions.InputError and its subclasses:
+#: image, catalogue and parameter errors); a code not listed is a 400.
+INPUT_ERROR_STATUS = {
+    "unsupported_format": 415,
+    "multi_frame": 415,
+    "too_many_pixels": 413,
+    "image_too_small": 422,
 }
 
 
@@ -97,6 +109,10 @@ def register_error_handlers(app) -> None:
     @app.errorhandler(ApiError)
     def _api_error(error: ApiError):
         return error_response(error.status, error.code, error.message, error.headers)
+
+    @app.errorhandler(InputError)
+    def _input_error(error: InputError):
+        return error_response(INPUT_ERROR_STATUS.get(error.code, 400), error.code, error.message)
 
     @app.errorhandler(OperationalError)
     @app.errorhandler(DBAPIError)

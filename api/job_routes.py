@@ -8,36 +8,22 @@ import re
 from flask import Response, current_app, g, request, send_file, stream_with_context, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
-from redis.exceptions import RedisError
-from sqlalchemy.exc import IntegrityError
 
 from api.auth import authenticate
 from api.error_handlers import ApiError
+from api.job_submission import Submission, submit_job
 from api.schemas import SUBMIT_REQUEST_BODY, JobListQuerySchema, JobListSchema, JobSchema
-from shared import job_store, ratelimit
-from shared.catalog import CatalogError
+from shared import job_store
 from shared.database import session_scope
-from shared.imageio import ImageError, probe_image
-from shared.jobspec import ParameterError, validate_params
-from shared.queue import send_job
-from shared.reconcile import delete_job_files
-from shared.storage import StorageError
-from shared.tables import Job, new_job_id
+from shared.job_status import JobStatus
+from shared.jobspec import FORM_FIELD_NAMES
+from shared.tables import Job
 
 log = logging.getLogger("heatmaps.api")
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Heatmap jobs")
 blp.before_request(authenticate)
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-FORM_FIELDS = {"model", "mode", "stride", "batch_size", "top_k", "classes", "weighting"}
-IMAGE_STATUS = {
-    "empty_file": 400,
-    "corrupt_image": 400,
-    "unsupported_format": 415,
-    "multi_frame": 415,
-    "too_many_pixels": 413,
-    "image_too_small": 422,
-}
 
 
 def _ctx():
@@ -55,7 +41,7 @@ def job_url(job_id: str) -> str:
 def represent(job: Job) -> dict:
     """The job as clients see it; artifact links only through the job routes."""
     result = None
-    if job.status == "succeeded" and job.result:
+    if job.status == JobStatus.succeeded and job.result:
         summary = job.result["summary"]
         result = {
             "classes": [
@@ -101,21 +87,31 @@ def _load_job(session, job_id: str) -> Job:
     return job
 
 
+def _read_submission() -> Submission:
+    """The request's shape: one image part, known form fields each given once, a sane
+    Idempotency-Key. Parameter values are checked by `submit_job`."""
+    image = _single_image()
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= 200):
+        raise ApiError(400, "invalid_parameter", "Idempotency-Key must be 1 to 200 characters")
+    return Submission(owner=g.owner, form=request.form, image=image.stream, idempotency_key=key or None)
+
+
 def _single_image():
     if not (request.mimetype or "").startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "send the image as multipart/form-data with an 'image' field")
     files = request.files  # parses the body; werkzeug enforces the size, field and part limits (413)
     unexpected = [name for name in files if name != "image"]
     if unexpected:
-        raise ApiError(400, "unexpected_field", f"unexpected file field {unexpected[0][:50]!r}")
+        raise ApiError(400, "unexpected_field", f"unexpected file field {str(unexpected[0])[:50]!r}")
     images = files.getlist("image")
     if not images:
         raise ApiError(400, "missing_image", "the 'image' file field is required")
     if len(images) > 1:
         raise ApiError(400, "multiple_images", "send exactly one 'image' per job")
-    unknown = [name for name in request.form if name not in FORM_FIELDS]
+    unknown = [name for name in request.form if name not in FORM_FIELD_NAMES]
     if unknown:
-        raise ApiError(400, "unexpected_field", f"unknown form field {unknown[0][:50]!r}")
+        raise ApiError(400, "unexpected_field", f"unknown form field {str(unknown[0])[:50]!r}")
     for name in request.form:
         if len(request.form.getlist(name)) > 1:
             raise ApiError(400, "invalid_parameter", f"form field {name!r} given more than once")
@@ -154,100 +150,9 @@ class Jobs(MethodView):
     @blp.alt_response(200, schema=JobSchema, description="an earlier job with the same Idempotency-Key")
     def post(self):
         """Submit an image for heatmaps (multipart/form-data)."""
-        ctx = _ctx()
-        settings = ctx.settings
-        upload = _single_image()
-        idempotency_key = request.headers.get("Idempotency-Key")
-        if idempotency_key is not None and not (0 < len(idempotency_key) <= 200):
-            raise ApiError(400, "invalid_parameter", "Idempotency-Key must be 1 to 200 characters")
-        if idempotency_key:
-            with _db() as session:
-                existing = job_store.find_by_idempotency_key(session, g.owner, idempotency_key)
-                if existing is not None:
-                    return represent(existing), 200, {"Location": job_url(existing.id)}
-
-        model_name = request.form.get("model") or settings.default_model
-        try:
-            info = ctx.catalog().get(model_name)
-            params = validate_params(
-                request.form,
-                info,
-                max_batch_size=settings.max_batch_size,
-                max_top_k=settings.max_top_k,
-                memory_budget_mb=settings.memory_budget_mb,
-            )
-        except (CatalogError, ParameterError) as exc:
-            raise ApiError(400, exc.code, exc.message) from None
-        try:
-            image = probe_image(upload.stream, max_pixels=settings.max_image_pixels, min_size=info.input_size)
-        except ImageError as exc:
-            raise ApiError(IMAGE_STATUS.get(exc.code, 400), exc.code, exc.message) from None
-
-        retry_after = None
-        if settings.rate_limit_per_minute:
-            try:
-                retry_after = ratelimit.hit(ctx.redis(), g.owner, settings.rate_limit_per_minute)
-            except RedisError as exc:  # fail open: a broker outage must not stop accepting work
-                log.warning("rate limit not checked (redis unavailable): %s", exc)
-        if retry_after is not None:
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"more than {settings.rate_limit_per_minute} submissions a minute",
-                {"Retry-After": str(retry_after)},
-            )
-        if settings.max_active_jobs_per_key:
-            with _db() as session:
-                if job_store.count_active(session, g.owner) >= settings.max_active_jobs_per_key:
-                    raise ApiError(
-                        429,
-                        "too_many_active_jobs",
-                        f"at most {settings.max_active_jobs_per_key} queued or running jobs per key",
-                        {"Retry-After": "10"},
-                    )
-
-        job_id = new_job_id()
-        image_key = f"uploads/{job_id}/image{image.extension}"
-        upload.stream.seek(0)
-        try:
-            size, digest = ctx.storage.put_stream(image_key, upload.stream)
-        except StorageError as exc:
-            log.error("upload store failed: %s", exc)
-            raise ApiError(
-                503, "storage_unavailable", "could not store the upload; try again shortly", {"Retry-After": "5"}
-            ) from None
-        job = Job(
-            id=job_id,
-            owner=g.owner,
-            idempotency_key=idempotency_key or None,
-            model=info.name,
-            mode=params.mode,
-            params=params.to_json(),
-            image_key=image_key,
-            image_format=image.format,
-            image_width=image.width,
-            image_height=image.height,
-            image_sha256=digest,
-            image_bytes=size,
-        )
-        try:
-            with _db() as session:
-                session.add(job)
-        except IntegrityError:  # a concurrent request with the same Idempotency-Key won
-            ctx.storage.delete_prefix(f"uploads/{job_id}")
-            with _db() as session:
-                existing = job_store.find_by_idempotency_key(session, g.owner, idempotency_key)
-                return represent(existing), 200, {"Location": job_url(existing.id)}
-        except Exception:
-            ctx.storage.delete_prefix(f"uploads/{job_id}")
-            raise
-        try:
-            send_job(settings, job_id)
-            with _db() as session:
-                job_store.mark_enqueued(session, job_id)
-        except Exception as exc:  # broker down: the row stays queued; the reconciler sends it later
-            log.warning("job %s accepted but not sent yet: %s", job_id, exc)
-        return represent(job), 202, {"Location": job_url(job_id)}
+        outcome = submit_job(_ctx(), _read_submission())
+        job = outcome.job
+        return represent(job), 202 if outcome.created else 200, {"Location": job_url(job.id)}
 
 
 @blp.route("/<string:job_id>", endpoint="Job")
@@ -270,7 +175,7 @@ class JobResource(MethodView):
                 return represent(job), 202
         with _db() as session:
             job = _load_job(session, job_id)
-            delete_job_files(_ctx().storage, job.id)
+            _ctx().storage.delete_job_files(job.id)
             job_store.delete_finished(session, job.id)
         return "", 204
 
@@ -278,7 +183,7 @@ class JobResource(MethodView):
 def _artifact(job_id: str, pick):
     with _db() as session:
         job = _load_job(session, job_id)
-        if job.status != "succeeded" or not job.result:
+        if job.status != JobStatus.succeeded or not job.result:
             raise ApiError(409, "job_not_finished", f"the job is {job.status}; artifacts exist once it succeeded")
         key = pick(job.result["artifacts"])
     if key is None:

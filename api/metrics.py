@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from shared import job_store
 from shared.database import session_scope
+from shared.job_status import JobStatus
 from shared.tables import Job, utcnow
 
 log = logging.getLogger("heatmaps.metrics")
@@ -39,7 +40,7 @@ class JobCollector:
                 since = utcnow() - WINDOW
                 rows = session.execute(
                     select(Job.started_at, Job.finished_at, Job.units_total, Job.inference_seconds).where(
-                        Job.status == "succeeded", Job.finished_at >= since
+                        Job.status == JobStatus.succeeded, Job.finished_at >= since
                     )
                 ).all()
             durations = [(f - s).total_seconds() for s, f, _, _ in rows if s and f]

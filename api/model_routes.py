@@ -19,4 +19,7 @@ class Models(MethodView):
     def get(self):
         """Models you can name in a job: classes, native input size, output stride, preprocessing."""
         catalog = current_app.extensions["heatmaps"].catalog()
-        return {"models": [info.public() for info in catalog.models.values()]}
+        return {
+            "models": [info.public() for info in catalog.models.values()],
+            "problems": [{"file": name, "message": message} for name, message in sorted(catalog.problems.items())],
+        }

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import marshmallow as ma
 
-STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+from shared.job_status import JobStatus
+from shared.jobspec import FORM_FIELDS, FormField
+
+STATUSES = [status.value for status in JobStatus]
 
 
 class ImageSchema(ma.Schema):
@@ -93,10 +96,32 @@ class ModelSchema(ma.Schema):
     description = ma.fields.String()
 
 
+class ModelProblemSchema(ma.Schema):
+    file = ma.fields.String(required=True, metadata={"description": "the sidecar's file name"})
+    message = ma.fields.String(required=True, metadata={"description": "why the model is not offered"})
+
+
 class ModelListSchema(ma.Schema):
     models = ma.fields.List(ma.fields.Nested(ModelSchema), required=True)
+    problems = ma.fields.List(
+        ma.fields.Nested(ModelProblemSchema),
+        required=True,
+        metadata={"description": "sidecars in the model folders that were ignored, and why"},
+    )
 
 
+def _form_property(field: FormField) -> dict:
+    prop = {"type": field.type, "description": field.description}
+    if field.choices:
+        prop["enum"] = list(field.choices)
+    if field.default is not None:
+        prop["default"] = field.default
+    if field.minimum is not None:
+        prop["minimum"] = field.minimum
+    return prop
+
+
+#: The multipart submission body, generated from the one list of form fields (shared.jobspec).
 SUBMIT_REQUEST_BODY = {
     "required": True,
     "content": {
@@ -110,13 +135,7 @@ SUBMIT_REQUEST_BODY = {
                         "format": "binary",
                         "description": "JPEG, PNG, TIFF, BMP or WebP; checked by content",
                     },
-                    "model": {"type": "string", "description": "catalogue name (GET /api/v1/models)"},
-                    "mode": {"type": "string", "enum": ["direct", "tiled"], "default": "direct"},
-                    "stride": {"type": "integer", "minimum": 1, "description": "tiled mode: pixels between windows"},
-                    "batch_size": {"type": "integer", "minimum": 1, "description": "tiled mode: windows per forward"},
-                    "top_k": {"type": "integer", "minimum": 1, "description": "classes with the highest maxima"},
-                    "classes": {"type": "string", "description": "comma-separated class names or indices"},
-                    "weighting": {"type": "string", "enum": ["mean", "gaussian"]},
+                    **{field.name: _form_property(field) for field in FORM_FIELDS},
                 },
             },
             "encoding": {"image": {"contentType": "application/octet-stream"}},

@@ -32,6 +32,7 @@ from PIL import Image
 
 from scripts.devstack import start_stack
 from shapes.scenes import generate_scene
+from shared.job_status import TERMINAL, JobStatus
 
 
 def percentile(values, q):
@@ -57,10 +58,10 @@ def submit_latencies(base: str, jobs: int) -> dict:
         url = base + response.headers["Location"]
         while True:
             job = session.get(url, timeout=30).json()
-            if job["status"] in ("succeeded", "failed", "canceled"):
+            if job["status"] in TERMINAL:
                 break
             time.sleep(0.002)
-        if job["status"] != "succeeded":
+        if job["status"] != JobStatus.succeeded:
             raise SystemExit(f"job failed: {job}")
         if i < 5:
             continue  # warm-up: first requests open connections and trace the model

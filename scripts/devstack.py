@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shared.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from shared.job_status import TERMINAL, JobStatus  # noqa: E402
 from shared.migrate import upgrade_database  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
@@ -164,10 +165,10 @@ def demo(port: int) -> int:
             while True:
                 job = requests.get(job_url, timeout=10).json()
                 bar.update(int(job["progress"] * 100) - bar.n)
-                if job["status"] in ("succeeded", "failed", "canceled"):
+                if job["status"] in TERMINAL:
                     break
                 time.sleep(0.25)
-        if job["status"] != "succeeded":
+        if job["status"] != JobStatus.succeeded:
             raise SystemExit(f"job {job['status']}: {job.get('error')}")
         result = job["result"]
         folder = Path(settings.resolved_storage_url) / "results" / job["id"]

@@ -15,6 +15,7 @@ worker knows how to build (``keras_applications_vgg16``).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.exceptions import InputError
+
+log = logging.getLogger("heatmaps.catalog")
 
 PREPROCESS_MODES = ("none", "tf", "caffe", "torch")
 BUILTIN_KINDS = ("keras_applications_vgg16",)
@@ -37,13 +40,11 @@ class ModelInfo:
     name: str
     kind: str  # "keras_file" or one of BUILTIN_KINDS
     path: Path | None  # the model file (keras_file)
-    sidecar: Path
     classes: tuple[str, ...]
     preprocess: str
     input_size: tuple[int, int]
     output_stride: int | None
     description: str
-    extra: dict
 
     def public(self) -> dict:
         return {
@@ -106,40 +107,50 @@ def load_sidecar(sidecar: Path) -> ModelInfo:
     try:
         meta = json.loads(sidecar.read_text())
     except (OSError, ValueError) as exc:
-        raise CatalogError("invalid_model", f"{sidecar}: unreadable sidecar ({exc})") from exc
+        reason = exc.strerror if isinstance(exc, OSError) else exc  # an OSError's text names the full path
+        raise CatalogError("invalid_model", f"{sidecar.name}: unreadable sidecar ({reason})") from exc
     classes = meta.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
-        raise CatalogError("invalid_model", f"{sidecar}: 'classes' must be a non-empty list of names")
+        raise CatalogError("invalid_model", f"{sidecar.name}: 'classes' must be a non-empty list of names")
     if len(set(classes)) != len(classes):
-        raise CatalogError("invalid_model", f"{sidecar}: class names must be unique")
+        raise CatalogError("invalid_model", f"{sidecar.name}: class names must be unique")
     preprocess = meta.get("preprocess")
     if preprocess not in PREPROCESS_MODES:
-        raise CatalogError("invalid_model", f"{sidecar}: 'preprocess' must be one of {', '.join(PREPROCESS_MODES)}")
+        choices = ", ".join(PREPROCESS_MODES)
+        raise CatalogError("invalid_model", f"{sidecar.name}: 'preprocess' must be one of {choices}")
     kind = meta.get("kind", "keras_file")
     path = None
     if kind == "keras_file":
         path = next((p for p in (sidecar.with_suffix(".keras"), sidecar.with_suffix(".h5")) if p.exists()), None)
         if path is None:
-            raise CatalogError("invalid_model", f"{sidecar}: no {name}.keras or {name}.h5 beside it")
+            raise CatalogError("invalid_model", f"{sidecar.name}: no {name}.keras or {name}.h5 beside it")
     elif kind not in BUILTIN_KINDS:
-        raise CatalogError("invalid_model", f"{sidecar}: unknown kind {kind!r}")
+        raise CatalogError("invalid_model", f"{sidecar.name}: unknown kind {kind!r}")
     size = meta.get("input_size")
     if size is None and path is not None and path.suffix == ".keras":
         size = _input_size_from_keras_file(path)
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
-        raise CatalogError("invalid_model", f"{sidecar}: 'input_size' [h, w] is required for this model")
+        raise CatalogError("invalid_model", f"{sidecar.name}: 'input_size' [h, w] is required for this model")
     return ModelInfo(
         name=name,
         kind=kind,
         path=path,
-        sidecar=sidecar,
         classes=tuple(classes),
         preprocess=preprocess,
         input_size=(int(size[0]), int(size[1])),
         output_stride=meta.get("output_stride"),
         description=str(meta.get("description", "")),
-        extra=meta,
     )
+
+
+_reported: set[tuple[str, str]] = set()
+
+
+def _report_once(sidecar: Path, message: str) -> None:
+    """Log a broken sidecar once per process (the API rescans every few seconds)."""
+    if (str(sidecar), message) not in _reported:
+        _reported.add((str(sidecar), message))
+        log.warning("model sidecar %s ignored: %s", sidecar, message)
 
 
 class ModelCatalog:
@@ -158,7 +169,8 @@ class ModelCatalog:
                 try:
                     self.models[sidecar.stem] = load_sidecar(sidecar)
                 except CatalogError as exc:
-                    self.problems[str(sidecar)] = exc.message
+                    self.problems[sidecar.name] = exc.message
+                    _report_once(sidecar, exc.message)
 
     def names(self) -> list[str]:
         return sorted(self.models)

@@ -22,10 +22,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, delete, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from shared.tables import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, JobStatus, utcnow
+from shared.job_status import ACTIVE, TERMINAL, JobStatus
+from shared.tables import Job, utcnow
 
-_ACTIVE = [s.value for s in ACTIVE_STATUSES]
-_TERMINAL = [s.value for s in TERMINAL_STATUSES]
+_ACTIVE = [s.value for s in ACTIVE]
+_TERMINAL = [s.value for s in TERMINAL]
 
 
 def _set(session: Session, condition, **values) -> bool:
@@ -169,7 +170,7 @@ def cancel(session: Session, job_id: str) -> bool:
         and_(Job.id == job_id, Job.status.in_(_ACTIVE)),
         status=JobStatus.canceled.value,
         finished_at=utcnow(),
-        error_code="canceled",
+        error_code=JobStatus.canceled.value,  # the reason is the status itself
         error_message="canceled by the client",
     )
 

@@ -16,6 +16,32 @@ from shared.exceptions import InputError
 MODES = ("direct", "tiled")
 WEIGHTINGS = ("mean", "gaussian")
 DEFAULT_TOP_K = 3
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class FormField:
+    """One submission parameter as clients send it (a multipart form field or a CLI flag).
+    The API's OpenAPI request body and the CLI's flags are generated from `FORM_FIELDS`."""
+
+    name: str
+    type: str  # JSON Schema type: "string" or "integer"
+    description: str
+    choices: tuple[str, ...] | None = None
+    default: Any = None
+    minimum: int | None = None
+
+
+FORM_FIELDS: tuple[FormField, ...] = (
+    FormField("model", "string", "catalogue name (GET /api/v1/models); default: the service's default model"),
+    FormField("mode", "string", "direct: fully convolutional; tiled: sliding window", MODES, "direct"),
+    FormField("stride", "integer", "tiled mode: pixels between windows; default half the window", minimum=1),
+    FormField("batch_size", "integer", "tiled mode: windows per forward call", default=DEFAULT_BATCH_SIZE, minimum=1),
+    FormField("top_k", "integer", "keep the classes with the highest maxima", default=DEFAULT_TOP_K, minimum=1),
+    FormField("classes", "string", "comma-separated class names or indices (instead of top_k)"),
+    FormField("weighting", "string", "blending of overlapping windows in the overlays", WEIGHTINGS, "mean"),
+)
+FORM_FIELD_NAMES = frozenset(field.name for field in FORM_FIELDS)
 
 
 class ParameterError(InputError):
@@ -30,7 +56,7 @@ class JobParams:
     model: str
     mode: str = "direct"
     stride: int | None = None  # tiled mode only; default half the window
-    batch_size: int = 32  # tiled mode: windows per forward call
+    batch_size: int = DEFAULT_BATCH_SIZE  # tiled mode: windows per forward call
     top_k: int | None = DEFAULT_TOP_K  # used when class_indices is None
     class_indices: tuple[int, ...] | None = None
     memory_budget_mb: int = 1024  # direct mode: bound for one tile's activations
@@ -101,7 +127,9 @@ def validate_params(
     else:
         stride = None
     batch_size = raw.get("batch_size")
-    batch_size = 32 if batch_size in (None, "") else _integer("batch_size", batch_size, 1, max_batch_size)
+    batch_size = (
+        DEFAULT_BATCH_SIZE if batch_size in (None, "") else _integer("batch_size", batch_size, 1, max_batch_size)
+    )
     top_k = raw.get("top_k")
     classes = raw.get("classes")
     class_indices = None

@@ -35,11 +35,6 @@ class PassReport:
     deleted: list[str] = field(default_factory=list)
 
 
-def delete_job_files(storage: Storage, job_id: str) -> None:
-    storage.delete_prefix(f"results/{job_id}")
-    storage.delete_prefix(f"uploads/{job_id}")
-
-
 def reconcile_once(settings: Settings, storage: Storage | None = None) -> PassReport:
     report = PassReport()
     url = settings.resolved_database_url
@@ -64,7 +59,7 @@ def reconcile_once(settings: Settings, storage: Storage | None = None) -> PassRe
     storage = storage or Storage(settings.resolved_storage_url)
     with session_scope(url) as session:
         for job in job_store.expired(session, settings.retention_hours):
-            delete_job_files(storage, job.id)
+            storage.delete_job_files(job.id)
             if job_store.delete_finished(session, job.id):
                 report.deleted.append(job.id)
     if report.requeued or report.failed or report.sent or report.deleted:

@@ -58,6 +58,15 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(60, ge=0, description="Submissions per key per minute; 0 = unlimited.")
     max_active_jobs_per_key: int = Field(50, ge=0, description="Queued+running jobs per key; 0 = unlimited.")
 
+    # --- worker process -------------------------------------------------------------------
+    worker_name: str | None = Field(
+        None, description="Name recorded on the jobs this worker runs; default hostname:pid."
+    )
+    worker_preload_models: Annotated[list[str], NoDecode] | None = Field(
+        None, description="Comma-separated models loaded and converted at worker start; default DEFAULT_MODEL."
+    )
+    worker_reconciler: bool = Field(True, description="Run the reconciler thread in the worker's main process.")
+
     # --- job lifecycle -------------------------------------------------------------------
     job_max_attempts: int = Field(3, ge=1, description="Runs of one job before it is failed (worker deaths count).")
     job_soft_time_limit_s: int = Field(3300, gt=0)
@@ -69,6 +78,14 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(10.0, gt=0)
     retention_hours: float = Field(168.0, gt=0, description="Finished jobs and their files are deleted after this.")
     transient_retries: int = Field(3, ge=0, description="Retries of a database or storage call before failing.")
+
+    @field_validator("worker_preload_models", mode="before")
+    @classmethod
+    def _split_models(cls, value):
+        """Unset means the default model; an empty value means none."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -116,6 +133,13 @@ class Settings(BaseSettings):
             name, _, digest = entry.partition(":")
             out[digest.lower()] = name
         return out
+
+    @property
+    def preload_models(self) -> list[str]:
+        """Models the worker loads at start (WORKER_PRELOAD_MODELS, else the default model)."""
+        if self.worker_preload_models is None:
+            return [self.default_model]
+        return self.worker_preload_models
 
     @property
     def max_upload_bytes(self) -> int:

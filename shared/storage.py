@@ -13,12 +13,48 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+# --- storage keys: the one place they are built ------------------------------------------
+HEATMAP_FILE = "heatmap.npz"
+SUMMARY_FILE = "summary.json"
+
+
+def upload_prefix(job_id: str) -> str:
+    """Folder of a job's input (the upload), removed with the job."""
+    return f"uploads/{job_id}"
+
+
+def upload_key(job_id: str, extension: str) -> str:
+    """The stored upload: a generated name, never the client's file name."""
+    return f"{upload_prefix(job_id)}/image{extension}"
+
+
+def results_prefix(job_id: str) -> str:
+    """Folder of a job's artifacts, written by the worker, removed with the job."""
+    return f"results/{job_id}"
+
+
+def overlay_filename(class_index: int) -> str:
+    """Overlay PNG of one class, named by index (class names may hold any character)."""
+    return f"overlay_{int(class_index)}.png"
+
+
+def artifact_keys(job_id: str, classes: Iterable[tuple[str, int]]) -> dict:
+    """Keys of every artifact of a succeeded job, as stored in its row's ``result``:
+    ``{"heatmap", "summary", "overlays": {class name: key}}`` for (name, index) pairs."""
+    prefix = results_prefix(job_id)
+    return {
+        "heatmap": f"{prefix}/{HEATMAP_FILE}",
+        "summary": f"{prefix}/{SUMMARY_FILE}",
+        "overlays": {name: f"{prefix}/{overlay_filename(index)}" for name, index in classes},
+    }
+
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*$")
 CHUNK = 1024 * 1024
@@ -103,6 +139,11 @@ class Storage:
                 self.fs.rm(target, recursive=True)
         except FileNotFoundError:
             pass
+
+    def delete_job_files(self, job_id: str) -> None:
+        """Remove a job's results and upload (deleted job, retention, failed unreadable input)."""
+        self.delete_prefix(results_prefix(job_id))
+        self.delete_prefix(upload_prefix(job_id))
 
     def _discard(self, path: str) -> None:
         try:

@@ -3,12 +3,13 @@ the broker message only carries its id."""
 
 from __future__ import annotations
 
-import enum
 import uuid
 from datetime import UTC, datetime
 
 from sqlalchemy import JSON, DateTime, Float, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from shared.job_status import JobStatus
 
 
 def utcnow() -> datetime:
@@ -17,18 +18,6 @@ def utcnow() -> datetime:
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
-
-
-class JobStatus(enum.StrEnum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    canceled = "canceled"
-
-
-TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
-ACTIVE_STATUSES = frozenset({JobStatus.queued, JobStatus.running})
 
 
 class Base(DeclarativeBase):

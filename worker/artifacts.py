@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from shared.storage import HEATMAP_FILE, SUMMARY_FILE, overlay_filename
 from worker.blend import blend
 from worker.grid import ScoreGrid
 
@@ -61,10 +62,6 @@ def overlay_size(height: int, width: int, max_side: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def overlay_name(class_index: int) -> str:
-    return f"overlay_{int(class_index)}.png"
-
-
 def write_heatmap(out_dir: Path, grid: ScoreGrid, class_names: list[str], mode: str, model: str) -> Path:
     buffer = io.BytesIO()
     np.savez_compressed(
@@ -79,7 +76,7 @@ def write_heatmap(out_dir: Path, grid: ScoreGrid, class_names: list[str], mode: 
         mode=np.asarray(mode),
         model=np.asarray(model),
     )
-    path = out_dir / "heatmap.npz"
+    path = out_dir / HEATMAP_FILE
     write_atomic(path, buffer.getvalue())
     return path
 
@@ -115,13 +112,13 @@ def write_overlays(
         mixed = (1 - opacity) * base + opacity * coloured
         buffer = io.BytesIO()
         Image.fromarray(mixed.round().astype(np.uint8)).save(buffer, format="PNG")
-        name = overlay_name(int(class_index))
+        name = overlay_filename(class_index)
         write_atomic(out_dir / name, buffer.getvalue())
         names.append(name)
     return names, size
 
 
 def write_summary(out_dir: Path, summary: dict) -> Path:
-    path = out_dir / "summary.json"
+    path = out_dir / SUMMARY_FILE
     write_atomic(path, json.dumps(summary, indent=2, sort_keys=False).encode())
     return path

@@ -19,15 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from shared import job_store
 from shared.database import session_scope
 from shared.exceptions import InputError
 from shared.imageio import ImageError
+from shared.job_status import JobStatus
 from shared.jobspec import JobParams
 from shared.settings import Settings
-from shared.storage import Storage, StorageError
+from shared.storage import Storage, StorageError, artifact_keys, results_prefix, upload_prefix
 from worker.engine import run_inference
 from worker.model_registry import ModelRegistry, ModelUnavailableError
 
@@ -70,7 +72,7 @@ class Heartbeat:
         self.done, self.total = 0, 0
         self.lost = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{job_id}", daemon=True)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -92,7 +94,7 @@ class Heartbeat:
             if not job_store.heartbeat(session, self.job_id, self.token, self.done, self.total):
                 self.lost.set()
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
         while not self._stop.wait(self.context.settings.heartbeat_interval_s):
             try:
                 self.beat()
@@ -100,8 +102,38 @@ class Heartbeat:
                 log.warning("heartbeat for %s failed: %s", self.job_id, exc)
 
 
-def execute(job_id: str, context: WorkerContext) -> str:
-    """Run the job if it is queued; returns what happened (for logs and tests)."""
+OUT_OF_MEMORY = "the image needs more memory than this worker has; lower memory_budget_mb or use a larger worker"
+TIME_LIMIT = "the job ran past the configured time limit"
+
+#: How a job failure is reported: the first row whose exception type matches gives the
+#: error code and message. Order matters (InputError is a ValueError; StorageError before
+#: OSError). Database errors are absent on purpose: they propagate, and the reconciler
+#: re-queues the job once the database is back.
+FAILURES: tuple[tuple[type[BaseException], Callable[[BaseException], tuple[str, str]]], ...] = (
+    (InputError, lambda e: (e.code, e.message)),
+    (ModelUnavailableError, lambda e: (e.code, str(e))),
+    (StorageError, lambda e: ("storage_error", str(e))),
+    (OSError, lambda e: ("storage_error", f"could not write results: {e}")),  # scratch space full or failing
+    (MemoryError, lambda e: ("out_of_memory", OUT_OF_MEMORY)),
+    (SoftTimeLimitExceeded, lambda e: ("time_limit", TIME_LIMIT)),
+    (TimeLimitExceeded, lambda e: ("time_limit", TIME_LIMIT)),
+    (ValueError, lambda e: ("invalid_input", str(e))),
+)
+#: Failures that are recorded and then re-raised, for Celery to act on.
+RERAISE = (SoftTimeLimitExceeded, TimeLimitExceeded)
+
+
+def describe_failure(exc: BaseException) -> tuple[str, str]:
+    """(error code, message) for a job that raised `exc`; unknown errors are internal."""
+    for kind, describe in FAILURES:
+        if isinstance(exc, kind):
+            return describe(exc)
+    return "internal_error", f"{type(exc).__name__}: {exc}"
+
+
+def execute(job_id: str, context: WorkerContext) -> JobStatus | None:
+    """Run the job if it is queued; returns its final status as this worker saw it (for
+    logs and tests), or None when the delivery was a duplicate and nothing ran."""
     settings = context.settings
     url = settings.resolved_database_url
 
@@ -112,50 +144,45 @@ def execute(job_id: str, context: WorkerContext) -> str:
     token = with_retries(settings, _claim, "claim")
     if token is None:
         log.info("job %s is not queued; duplicate delivery ignored", job_id)
-        return "skipped"
+        return None
     with session_scope(url) as session:
         job = job_store.get_job(session, job_id)
         image_key, raw_params = job.image_key, job.params
     workdir = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-"))
-    outcome = "failed"
     try:
         with Heartbeat(context, job_id, token) as heartbeat:
-            try:
-                outcome = _run(job_id, token, image_key, raw_params, context, heartbeat, workdir)
-            except JobCanceled:
-                outcome = "canceled"
-                log.info("job %s was canceled or taken over; stopped", job_id)
-            except InputError as exc:
-                _fail(context, job_id, token, exc.code, exc.message)
-                if isinstance(exc, ImageError):  # an unreadable upload is of no further use
-                    context.storage.delete_prefix(f"uploads/{job_id}")
-            except ModelUnavailableError as exc:
-                _fail(context, job_id, token, exc.code, str(exc))
-            except StorageError as exc:
-                _fail(context, job_id, token, "storage_error", str(exc))
-            except OSError as exc:  # the worker's scratch space is full or failing
-                _fail(context, job_id, token, "storage_error", f"could not write results: {exc}")
-            except MemoryError:
-                _fail(
-                    context,
-                    job_id,
-                    token,
-                    "out_of_memory",
-                    "the image needs more memory than this worker has; lower memory_budget_mb or use a larger worker",
-                )
-            except ValueError as exc:
-                _fail(context, job_id, token, "invalid_input", str(exc))
-            except Exception as exc:
-                if type(exc).__name__ in ("SoftTimeLimitExceeded", "TimeLimitExceeded"):
-                    _fail(context, job_id, token, "time_limit", "the job ran past the configured time limit")
-                    raise
-                if isinstance(exc, (OperationalError, DBAPIError)):
-                    raise  # database gone: the reconciler re-queues the job when it is back
-                log.exception("job %s crashed", job_id)
-                _fail(context, job_id, token, "internal_error", f"{type(exc).__name__}: {exc}")
+            return _run_guarded(job_id, token, image_key, raw_params, context, heartbeat, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return outcome
+
+
+def _run_guarded(
+    job_id: str,
+    token: str,
+    image_key: str,
+    raw_params: dict,
+    context: WorkerContext,
+    heartbeat: Heartbeat,
+    workdir: Path,
+) -> JobStatus:
+    """Compute and store the job; turn every failure into a failed row (see FAILURES)."""
+    try:
+        return _compute_and_store(job_id, token, image_key, raw_params, context, heartbeat, workdir)
+    except JobCanceled:
+        log.info("job %s was canceled or taken over; stopped", job_id)
+        return JobStatus.canceled
+    except (OperationalError, DBAPIError):
+        raise  # database gone: the reconciler re-queues the job when it is back
+    except Exception as exc:
+        code, message = describe_failure(exc)
+        if code == "internal_error":
+            log.exception("job %s crashed", job_id)
+        _fail(context, job_id, token, code, message)
+        if isinstance(exc, ImageError):  # an unreadable upload is of no further use
+            context.storage.delete_prefix(upload_prefix(job_id))
+        if isinstance(exc, RERAISE):
+            raise
+        return JobStatus.failed
 
 
 def _fail(context: WorkerContext, job_id: str, token: str, code: str, message: str) -> None:
@@ -167,7 +194,7 @@ def _fail(context: WorkerContext, job_id: str, token: str, code: str, message: s
     log.info("job %s failed: %s: %s", job_id, code, message)
 
 
-def _run(
+def _compute_and_store(
     job_id: str,
     token: str,
     image_key: str,
@@ -175,7 +202,7 @@ def _run(
     context: WorkerContext,
     heartbeat: Heartbeat,
     workdir: Path,
-) -> str:
+) -> JobStatus:
     settings, storage = context.settings, context.storage
     params = JobParams.from_json(raw_params)
     image_path = storage.local_path(image_key)
@@ -183,20 +210,19 @@ def _run(
         image_path = with_retries(settings, lambda: storage.fetch_to(image_key, workdir / "image"), "download")
     out_dir = workdir / "out"
     summary = run_inference(
-        image_path, params, context.registry, out_dir, max_pixels=settings.max_image_pixels, progress=heartbeat.progress
+        image_path,
+        params,
+        context.registry,
+        out_dir,
+        max_pixels=settings.max_image_pixels,
+        progress=heartbeat.progress,
     )
     heartbeat.progress(heartbeat.total, heartbeat.total)  # last chance to notice a cancel before storing
 
-    prefix = f"results/{job_id}"
+    prefix = results_prefix(job_id)
     with_retries(settings, lambda: storage.put_dir(prefix, out_dir), "store artifacts")
-    result = {
-        "summary": summary,
-        "artifacts": {
-            "heatmap": f"{prefix}/heatmap.npz",
-            "summary": f"{prefix}/summary.json",
-            "overlays": {c["name"]: f"{prefix}/{c['overlay']}" for c in summary["classes"]},
-        },
-    }
+    classes = [(c["name"], c["index"]) for c in summary["classes"]]
+    result = {"summary": summary, "artifacts": artifact_keys(job_id, classes)}
 
     def _commit():
         with session_scope(settings.resolved_database_url) as session:
@@ -204,10 +230,10 @@ def _run(
 
     if with_retries(settings, _commit, "commit result"):
         log.info("job %s succeeded", job_id)
-        return "succeeded"
+        return JobStatus.succeeded
     # Canceled while storing, or re-queued to another worker: keep the row's truth.
     with session_scope(settings.resolved_database_url) as session:
         job = job_store.get_job(session, job_id)
-        if job is not None and job.status == "canceled":
+        if job is not None and job.status == JobStatus.canceled:
             storage.delete_prefix(prefix)
-    return "canceled"
+    return JobStatus.canceled

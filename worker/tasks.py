@@ -55,11 +55,11 @@ def get_context():
             settings=settings,
             storage=Storage(settings.resolved_storage_url),
             registry=registry,
-            name=os.environ.get("WORKER_NAME") or _hostname(),
+            name=settings.worker_name or _hostname(),
         )
-        for name in filter(None, os.environ.get("WORKER_PRELOAD_MODELS", settings.default_model).split(",")):
+        for name in settings.preload_models:
             try:
-                loaded = registry.load(name.strip())
+                loaded = registry.load(name)
                 _ = loaded.fcn  # convert once now, not on the first job
             except Exception as exc:  # a model that cannot load fails its jobs, not the worker
                 log.warning("could not preload model %s: %s", name, exc)
@@ -81,7 +81,7 @@ def _init_child(**_kwargs) -> None:
 @worker_ready.connect
 def _start_reconciler(**_kwargs) -> None:
     global _reconciler_stop
-    if os.environ.get("WORKER_RECONCILER", "1") == "1":
+    if settings.worker_reconciler:
         from shared.reconcile import start_thread
 
         _reconciler_stop = start_thread(settings)
