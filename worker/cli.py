@@ -11,13 +11,14 @@ output is not a TTY.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
 from tqdm import tqdm
 
 from shared.exceptions import InputError
-from shared.jobspec import validate_params
+from shared.jobspec import FORM_FIELDS, validate_params
 from shared.settings import get_settings
 
 
@@ -26,15 +27,20 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     infer = commands.add_parser("infer", help="compute heatmaps for one image")
     infer.add_argument("image")
-    infer.add_argument("--model", default=None, help="catalogue name or path to a .keras/.h5 file with sidecar")
-    infer.add_argument("--mode", choices=("direct", "tiled"), default="direct")
-    infer.add_argument("--stride", type=int, default=None, help="tiled mode: pixels between windows")
-    infer.add_argument("--batch-size", type=int, default=None, help="tiled mode: windows per forward call")
-    group = infer.add_mutually_exclusive_group()
-    group.add_argument("--top-k", type=int, default=None)
-    group.add_argument("--classes", default=None, help="comma-separated class names or indices")
-    infer.add_argument("--memory-budget-mb", type=int, default=None)
-    infer.add_argument("--weighting", choices=("mean", "gaussian"), default="mean")
+    exclusive = infer.add_mutually_exclusive_group()  # top_k or classes
+    for field in FORM_FIELDS:
+        target = exclusive if field.name in ("top_k", "classes") else infer
+        help_text = field.description
+        if field.name == "model":
+            help_text = "catalogue name or path to a .keras/.h5 file with its sidecar"
+        target.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=int if field.type == "integer" else str,
+            choices=field.choices,
+            default=None,
+            help=help_text,
+        )
+    infer.add_argument("--memory-budget-mb", type=int, default=None, help="direct mode: bound for one tile")
     infer.add_argument("--out", required=True, help="output folder")
     commands.add_parser("models", help="list the models in the catalogue")
     return parser
@@ -43,49 +49,52 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = get_settings()
-    from worker.model_registry import ModelRegistry, ModelUnavailableError  # loads Keras: after parsing
+    from worker.model_registry import ModelRegistry  # loads Keras: after parsing
 
     registry = ModelRegistry(settings.model_dirs, settings.vgg16_weights)
     if args.command == "models":
         for info in registry.catalog.models.values():
             print(json.dumps(info.public()))
         return 0
+    return _infer(args, settings, registry)
 
+
+class _ProgressBar:
+    """A tqdm bar on a terminal, created on the first callback (when the total is known)."""
+
+    def __init__(self, unit: str):
+        self.unit, self.bar = unit, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit=self.unit, disable=not sys.stderr.isatty(), file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _infer(args: argparse.Namespace, settings, registry) -> int:
     from worker.engine import run_inference
+    from worker.model_registry import ModelUnavailableError
 
+    raw = {field.name: getattr(args, field.name) for field in FORM_FIELDS}
+    raw["memory_budget_mb"] = args.memory_budget_mb
     bar = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(
-                total=total,
-                unit="tile" if args.mode == "direct" else "batch",
-                disable=not sys.stderr.isatty(),
-                file=sys.stderr,
-            )
-        bar.update(done - bar.n)
-
     try:
         info = registry.info(args.model or settings.default_model)
         params = validate_params(
-            {
-                "mode": args.mode,
-                "stride": args.stride,
-                "batch_size": args.batch_size,
-                "top_k": args.top_k,
-                "classes": args.classes,
-                "memory_budget_mb": args.memory_budget_mb,
-                "weighting": args.weighting,
-            },
+            raw,
             info,
             max_batch_size=settings.max_batch_size,
             max_top_k=max(settings.max_top_k, len(info.classes)),
             memory_budget_mb=settings.memory_budget_mb,
         )
-        params = params.__class__(**{**params.__dict__, "model": args.model or settings.default_model})
+        params = dataclasses.replace(params, model=args.model or settings.default_model)
+        bar = _ProgressBar("tile" if params.mode == "direct" else "batch")
         summary = run_inference(
-            args.image, params, registry, args.out, max_pixels=settings.max_image_pixels, progress=progress
+            args.image, params, registry, args.out, max_pixels=settings.max_image_pixels, progress=bar
         )
     except InputError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
