@@ -118,46 +118,20 @@ def textured_background(height: int, width: int, rng: np.random.Generator | int 
     low-frequency colour blobs, optional mid-frequency luminance mottling, optional
     stripes at a random angle, fine per-pixel gaussian noise and optional speckle grain.
     Large sizes are cheap: smooth layers are low-res noise upscaled by Pillow and the
-    per-pixel layers are composited in row chunks in float32 (6000 x 4000 in ~1-2 s).
+    per-pixel layers are composited in row chunks in float32.
     """
     rng = np.random.default_rng(rng)
     height, width = int(height), int(width)
     if height <= 0 or width <= 0:
         raise ValueError(f"size must be positive, got {height}x{width}")
-
-    # 1. Base colour: a gradient between random corner colours (in a limited range so
-    #    that some contrast remains available for objects of any colour).
-    corners = rng.uniform(30, 225, size=(2, 2, 3))
-    if rng.random() < 0.5:  # sometimes nearly flat
-        corners = corners.mean(axis=(0, 1), keepdims=True) + rng.uniform(-20, 20, size=(2, 2, 3))
-    corners = np.clip(corners, 0, 255).astype(np.uint8)
-    base = Image.fromarray(corners, "RGB").resize((width, height), Image.BILINEAR)
-    base = np.asarray(base)
-
+    # The layers draw from `rng` in this order; keep it so that a seed gives the same image.
+    base = _gradient_base(height, width, rng)
     # 2. Low-frequency colour blobs (feature size 16-160 px).
     blob_cell = float(rng.uniform(16, 160))
     blob_amp = float(rng.uniform(8, 45))
     blobs = _upscaled_noise(height, width, blob_cell, 3, rng)
-
-    # 3. Optional mid-frequency luminance mottling (feature size 3-12 px).
-    mottle = None
-    if rng.random() < 0.6:
-        mottle_amp = float(rng.uniform(4, 22))
-        mottle = _upscaled_noise(height, width, float(rng.uniform(3, 12)), 1, rng)
-
-    # 4. Optional stripes: sin(2 pi (x cos t + y sin t) / period + phase), separable.
-    stripes = None
-    if rng.random() < 0.3:
-        period = float(rng.uniform(5, 40))
-        theta = float(rng.uniform(0, math.pi))
-        phase = float(rng.uniform(0, 2 * math.pi))
-        stripe_amp = float(rng.uniform(6, 24))
-        stripe_tint = rng.uniform(0.6, 1.0, size=3).astype(np.float32)
-        k = 2 * math.pi / period
-        ax = (k * math.cos(theta) * np.arange(width, dtype=np.float32) + phase).astype(np.float32)
-        ay = (k * math.sin(theta) * np.arange(height, dtype=np.float32)).astype(np.float32)
-        stripes = (np.sin(ax), np.cos(ax), np.sin(ay), np.cos(ay))
-
+    mottle = _mottle(height, width, rng)
+    stripes = _stripes(height, width, rng)
     # 5. Fine noise and speckle grain.
     sigma = float(rng.uniform(2, 14))
     grain = float(rng.uniform(0.001, 0.01)) if rng.random() < 0.3 else 0.0
@@ -166,25 +140,79 @@ def textured_background(height: int, width: int, rng: np.random.Generator | int 
     for r0 in range(0, height, _CHUNK_ROWS):
         r1 = min(height, r0 + _CHUNK_ROWS)
         acc = base[r0:r1].astype(np.float32)
-        acc += blobs[r0:r1] * np.float32(blob_amp / 127.5)
-        acc -= np.float32(blob_amp)
+        _add_centred(acc, blobs[r0:r1], blob_amp)
         if mottle is not None:
-            acc += mottle[r0:r1] * np.float32(mottle_amp / 127.5)
-            acc -= np.float32(mottle_amp)
+            _add_centred(acc, mottle[0][r0:r1], mottle[1])
         if stripes is not None:
-            sx, cx, sy, cy = stripes
-            # sin(a + b) = sin a cos b + cos a sin b
-            s = sx[None, :] * cy[r0:r1, None] + cx[None, :] * sy[r0:r1, None]
-            acc += (s * stripe_amp)[:, :, None] * stripe_tint
-        acc += rng.standard_normal(size=acc.shape, dtype=np.float32) * sigma
-        if grain:
-            hits = rng.random(size=acc.shape[:2], dtype=np.float32) < grain
-            n = int(hits.sum())
-            if n:
-                acc[hits] = rng.choice(np.array([0.0, 255.0], np.float32), size=(n, 1))
+            _add_stripes(acc, stripes, r0, r1)
+        _add_noise(acc, sigma, grain, rng)
         np.clip(acc, 0, 255, out=acc)
         out[r0:r1] = acc.astype(np.uint8)
     return out
+
+
+def _gradient_base(height: int, width: int, rng) -> np.ndarray:
+    """1. Base colour: a gradient between random corner colours, uint8 (height, width, 3).
+
+    The corners lie in a limited range so that some contrast remains available for objects
+    of any colour.
+    """
+    corners = rng.uniform(30, 225, size=(2, 2, 3))
+    if rng.random() < 0.5:  # sometimes nearly flat
+        corners = corners.mean(axis=(0, 1), keepdims=True) + rng.uniform(-20, 20, size=(2, 2, 3))
+    corners = np.clip(corners, 0, 255).astype(np.uint8)
+    base = Image.fromarray(corners, "RGB").resize((width, height), Image.BILINEAR)
+    return np.asarray(base)
+
+
+def _mottle(height: int, width: int, rng) -> tuple[np.ndarray, float] | None:
+    """3. Optional mid-frequency luminance mottling (feature size 3-12 px): (noise, amplitude)."""
+    if rng.random() >= 0.6:
+        return None
+    amp = float(rng.uniform(4, 22))
+    return _upscaled_noise(height, width, float(rng.uniform(3, 12)), 1, rng), amp
+
+
+def _stripes(height: int, width: int, rng) -> tuple | None:
+    """4. Optional stripes: sin(2 pi (x cos t + y sin t) / period + phase), separable.
+
+    Returns ``(sin ax, cos ax, sin ay, cos ay, amplitude, tint)`` or None.
+    """
+    if rng.random() >= 0.3:
+        return None
+    period = float(rng.uniform(5, 40))
+    theta = float(rng.uniform(0, math.pi))
+    phase = float(rng.uniform(0, 2 * math.pi))
+    amp = float(rng.uniform(6, 24))
+    tint = rng.uniform(0.6, 1.0, size=3).astype(np.float32)
+    k = 2 * math.pi / period
+    ax = (k * math.cos(theta) * np.arange(width, dtype=np.float32) + phase).astype(np.float32)
+    ay = (k * math.sin(theta) * np.arange(height, dtype=np.float32)).astype(np.float32)
+    return np.sin(ax), np.cos(ax), np.sin(ay), np.cos(ay), amp, tint
+
+
+def _add_centred(acc: np.ndarray, noise: np.ndarray, amp: float) -> None:
+    """Add uint8 noise centred on 127.5, scaled to +-amp, to `acc` in place."""
+    acc += noise * np.float32(amp / 127.5)
+    acc -= np.float32(amp)
+
+
+def _add_stripes(acc: np.ndarray, stripes: tuple, r0: int, r1: int) -> None:
+    """Add rows [r0, r1) of the stripe layer to `acc` in place."""
+    sx, cx, sy, cy, amp, tint = stripes
+    # sin(a + b) = sin a cos b + cos a sin b
+    s = sx[None, :] * cy[r0:r1, None] + cx[None, :] * sy[r0:r1, None]
+    acc += (s * amp)[:, :, None] * tint
+
+
+def _add_noise(acc: np.ndarray, sigma: float, grain: float, rng) -> None:
+    """Add per-pixel gaussian noise and, with `grain` > 0, black/white speckles to `acc` in place."""
+    acc += rng.standard_normal(size=acc.shape, dtype=np.float32) * sigma
+    if grain:
+        hits = rng.random(size=acc.shape[:2], dtype=np.float32) < grain
+        n = int(hits.sum())
+        if n:
+            acc[hits] = rng.choice(np.array([0.0, 255.0], np.float32), size=(n, 1))
 
 
 # --------------------------------------------------------------------------------------

@@ -13,11 +13,11 @@ cross), evaluates it on a held-out synthetic set made with a different seed, and
 The architecture is deliberately restricted so that the FCN converter handles it exactly:
 Conv2D(3x3, same, relu) / MaxPooling2D(2) trunk (no BatchNormalization, no Rescaling),
 output stride 16 giving a 4x4x64 map, then Flatten -> Dense(128, relu) -> Dropout ->
-Dense(5, softmax).  Preprocessing is "tf" (``x / 127.5 - 1``) and is applied *outside* the
-model, by the inference engine (and by :func:`preprocess` here).
+Dense(5, softmax).  Preprocessing is the "tf" mode of :mod:`worker.preprocess` and is applied
+*outside* the model, by the inference engine (and by :func:`preprocess` here, with the same code).
 
 Only ``keras`` + ``numpy`` are used (no ``tf.*``), so it runs under any Keras backend.
-Retrain (about 5 minutes on 2 CPU cores)::
+Retrain (a few minutes on a CPU)::
 
     python -m shapes.train --out models --epochs 6 --samples 30000 --seed 1234
 """
@@ -35,6 +35,7 @@ import numpy as np
 from keras import layers
 
 from shapes.scenes import SHAPE_CLASSES, WINDOW, make_crop
+from worker.preprocess import get_preprocess
 
 INPUT_SIZE = (WINDOW, WINDOW)
 #: Fraction of training crops that are background (the rest is split evenly).
@@ -45,9 +46,13 @@ HELDOUT_SEED_OFFSET = 1_000_003
 DEFAULTS = {"epochs": 6, "samples": 30000, "seed": 1234, "heldout": 2000, "batch_size": 64}
 
 
+#: The model's preprocessing mode, written to the sidecar; the engine applies it at inference.
+PREPROCESS = "tf"
+
+
 def preprocess(x: np.ndarray) -> np.ndarray:
-    """The model's "tf" preprocessing: uint8 RGB -> float32 in [-1, 1]."""
-    return np.asarray(x, dtype=np.float32) / 127.5 - 1.0
+    """The model's preprocessing (``worker.preprocess``'s "tf" mode): uint8 RGB -> float32 in [-1, 1]."""
+    return get_preprocess(PREPROCESS)(np.asarray(x))
 
 
 def build_model() -> keras.Model:
@@ -179,7 +184,7 @@ def train(out: Path, epochs: int, samples: int, seed: int, heldout: int, batch_s
     sidecar = {
         "name": "shapes",
         "classes": list(SHAPE_CLASSES),
-        "preprocess": "tf",
+        "preprocess": PREPROCESS,
         "input_size": list(INPUT_SIZE),
         "description": (
             "Bundled demo/test model: a small VGG-like CNN (output stride 16, Flatten+Dense "

@@ -44,7 +44,7 @@ import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -140,12 +140,21 @@ def _sniff_other(head: bytes) -> str | None:
         if head.startswith(magic):
             return name
     if head[4:8] == b"ftyp":
-        brand = head[8:12]
-        if brand in (b"avif", b"avis"):
-            return "AVIF"
-        if brand in (b"heic", b"heix", b"hevc", b"mif1", b"msf1"):
-            return "HEIF"
-        return "ISO media (" + brand.decode("ascii", "replace").strip() + ")"
+        return _iso_media_name(head[8:12])
+    return _sniff_text(head) or _sniff_pillow(head)
+
+
+def _iso_media_name(brand: bytes) -> str:
+    """Name of an ISO base media file (``ftyp`` box) from its major brand."""
+    if brand in (b"avif", b"avis"):
+        return "AVIF"
+    if brand in (b"heic", b"heix", b"hevc", b"mif1", b"msf1"):
+        return "HEIF"
+    return "ISO media (" + brand.decode("ascii", "replace").strip() + ")"
+
+
+def _sniff_text(head: bytes) -> str | None:
+    """Name of a text format (SVG, HTML, XML, JSON) from the file's first bytes."""
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in text):
         return "SVG"
@@ -155,7 +164,11 @@ def _sniff_other(head: bytes) -> str | None:
         return "XML"
     if text.startswith(b"{") or text.startswith(b"["):
         return "JSON/text"
-    # Ask Pillow's (cheap, prefix-only) accept functions; never run their parsers.
+    return None
+
+
+def _sniff_pillow(head: bytes) -> str | None:
+    """Ask Pillow's (cheap, prefix-only) accept functions of refused formats; never run their parsers."""
     try:
         Image.init()
         for fmt in Image.ID:
@@ -229,29 +242,52 @@ def _with_stream(source: Any, fn: Callable[[IO[bytes]], Any]) -> Any:
 
 
 def _open_checked(fp: IO[bytes], *, max_pixels: int, min_size: tuple[int, int] | None) -> _Opened:
+    head = _read_head(fp)
+    im, accepted = _open_allowed(fp, head)
+    try:
+        fmt = im.format or accepted[-1]
+        return _Opened(im, _checked_info(im, fmt, max_pixels=max_pixels, min_size=min_size))
+    except BaseException:
+        _release(im)
+        raise
+
+
+def _read_head(fp: IO[bytes]) -> bytes:
+    """The file's first bytes (up to 512), for format detection."""
     head = fp.read(512)
     if isinstance(head, str):
         raise TypeError("source file object must be opened in binary mode")
     if not head:
         raise ImageError("empty_file", "the file is empty (0 bytes)")
-    prefix = head[:16]
+    return head
 
-    im = None
+
+def _accepts(accept: Callable[[bytes], Any] | None, prefix: bytes) -> bool:
+    """Whether a plugin's accept function claims `prefix` (a string verdict is a refusal)."""
+    try:
+        if accept is not None:
+            verdict = accept(prefix)
+            if isinstance(verdict, str) or not verdict:
+                return False
+    except Exception:
+        return False
+    return True
+
+
+def _open_allowed(fp: IO[bytes], head: bytes) -> tuple[ImageFile.ImageFile, list[str]]:
+    """Open (not decode) `fp` with the first allowed format whose header parses.
+
+    Returns the image and the formats that claimed the file, in probing order.
+    """
     accepted: list[str] = []
     failure: BaseException | None = None
     for fmt, factory, accept in _openers():
-        try:
-            if accept is not None:
-                verdict = accept(prefix)
-                if isinstance(verdict, str) or not verdict:
-                    continue
-        except Exception:
+        if not _accepts(accept, head[:16]):
             continue
         accepted.append(fmt)
         fp.seek(0)
         try:
-            im = factory(fp, "")
-            break
+            return factory(fp, ""), accepted
         except MemoryError:
             raise
         except Image.DecompressionBombError as e:
@@ -260,74 +296,80 @@ def _open_checked(fp: IO[bytes], *, max_pixels: int, min_size: tuple[int, int] |
         except Exception as e:  # broken header of an allowed format
             failure = e
             continue
+    _raise_unopened(head, accepted, failure)
 
-    if im is None:
-        if accepted:
-            raise ImageError(
-                "corrupt_image",
-                f"cannot read the {'/'.join(accepted)} header: {failure}",
-            ) from None
-        name = _sniff_other(head)
-        if name:
-            raise ImageError(
-                "unsupported_format",
-                f"{name} files are not supported; allowed formats: {_allowed_text()}",
-            )
+
+def _raise_unopened(head: bytes, accepted: list[str], failure: BaseException | None) -> NoReturn:
+    """The error for a file no allowed format could open: corrupt, or another format."""
+    if accepted:
+        raise ImageError(
+            "corrupt_image",
+            f"cannot read the {'/'.join(accepted)} header: {failure}",
+        ) from None
+    name = _sniff_other(head)
+    if name:
         raise ImageError(
             "unsupported_format",
-            f"not a recognised image file; allowed formats: {_allowed_text()}",
+            f"{name} files are not supported; allowed formats: {_allowed_text()}",
         )
+    raise ImageError(
+        "unsupported_format",
+        f"not a recognised image file; allowed formats: {_allowed_text()}",
+    )
 
+
+def _checked_info(im: ImageFile.ImageFile, fmt: str, *, max_pixels: int, min_size: tuple[int, int] | None) -> ImageInfo:
+    """Check an opened image against the limits and describe it (size after EXIF orientation)."""
+    if fmt not in ALLOWED_FORMATS:  # pragma: no cover - defensive
+        raise ImageError("unsupported_format", f"{fmt} files are not supported")
+    width, height = im.size
+    if not (isinstance(width, int) and isinstance(height, int)) or width <= 0 or height <= 0:
+        raise ImageError("corrupt_image", f"invalid image dimensions {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageError(
+            "too_many_pixels",
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+        )
+    _check_single_frame(im, fmt)
+    width, height = _oriented_size(im, fmt, width, height)
+    _check_min_size(width, height, min_size)
+    return ImageInfo(
+        format=fmt,
+        width=int(width),
+        height=int(height),
+        mode=im.mode,
+        extension=_EXTENSIONS[fmt],
+    )
+
+
+def _check_single_frame(im: ImageFile.ImageFile, fmt: str) -> None:
     try:
-        fmt = im.format or accepted[-1]
-        if fmt not in ALLOWED_FORMATS:  # pragma: no cover - defensive
-            raise ImageError("unsupported_format", f"{fmt} files are not supported")
-        width, height = im.size
-        if not (isinstance(width, int) and isinstance(height, int)) or width <= 0 or height <= 0:
-            raise ImageError("corrupt_image", f"invalid image dimensions {width}x{height}")
-        if width * height > max_pixels:
-            raise ImageError(
-                "too_many_pixels",
-                f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
-            )
-        try:
-            n_frames = getattr(im, "n_frames", 1)
-        except ImageError:
-            raise
-        except MemoryError:
-            raise
-        except Exception as e:
-            raise ImageError("corrupt_image", f"cannot read the {fmt} frame structure: {e}") from None
-        if isinstance(n_frames, int) and n_frames > 1:
-            raise ImageError(
-                "multi_frame",
-                f"{fmt} file has {n_frames} frames/pages; only single-frame images are supported",
-            )
-
-        orientation = _orientation(im)
-        # Raw (stored) size; Pillow >= 12 already reports the oriented size for TIFF
-        # (and keeps the stored one in _tile_size), other formats report stored size.
-        raw_w, raw_h = width, height
-        tile_size = getattr(im, "_tile_size", None) if fmt == "TIFF" else None
-        if isinstance(tile_size, tuple) and len(tile_size) == 2:
-            raw_w, raw_h = tile_size
-        if orientation in (5, 6, 7, 8):
-            width, height = raw_h, raw_w
-        else:
-            width, height = raw_w, raw_h
-
-        _check_min_size(width, height, min_size)
-        info = ImageInfo(
-            format=fmt,
-            width=int(width),
-            height=int(height),
-            mode=im.mode,
-            extension=_EXTENSIONS[fmt],
-        )
-        return _Opened(im, info)
-    except BaseException:
-        _release(im)
+        n_frames = getattr(im, "n_frames", 1)
+    except ImageError:
         raise
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise ImageError("corrupt_image", f"cannot read the {fmt} frame structure: {e}") from None
+    if isinstance(n_frames, int) and n_frames > 1:
+        raise ImageError(
+            "multi_frame",
+            f"{fmt} file has {n_frames} frames/pages; only single-frame images are supported",
+        )
+
+
+def _oriented_size(im: ImageFile.ImageFile, fmt: str, width: int, height: int) -> tuple[int, int]:
+    """(width, height) as displayed, after the EXIF orientation."""
+    orientation = _orientation(im)
+    # Raw (stored) size; Pillow >= 12 already reports the oriented size for TIFF
+    # (and keeps the stored one in _tile_size), other formats report stored size.
+    raw_w, raw_h = width, height
+    tile_size = getattr(im, "_tile_size", None) if fmt == "TIFF" else None
+    if isinstance(tile_size, tuple) and len(tile_size) == 2:
+        raw_w, raw_h = tile_size
+    if orientation in (5, 6, 7, 8):
+        return raw_h, raw_w
+    return raw_w, raw_h
 
 
 def _release(im: Image.Image) -> None:

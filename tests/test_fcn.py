@@ -1,4 +1,4 @@
-"""FCN conversion (worker.fcn): exactness at the native size, supported/unsupported heads,
+"""FCN conversion (worker.fcn, worker.receptive_field): exactness at the native size, supported/unsupported heads,
 receptive field and stride computed from the layer graph, output shapes on larger inputs.
 
 All models use random weights (no downloads). Random-weight softmax outputs are nearly
@@ -14,7 +14,8 @@ import pytest
 keras = pytest.importorskip("keras")
 layers = keras.layers
 
-from worker.fcn import UnsupportedModelError, receptive_field, to_fully_convolutional  # noqa: E402
+from worker.fcn import UnsupportedModelError, to_fully_convolutional  # noqa: E402
+from worker.receptive_field import receptive_field  # noqa: E402
 
 # --------------------------------------------------------------------------- helpers
 

@@ -30,9 +30,9 @@ import numpy as np
 from worker.fcn import FullyConvolutional
 from worker.grid import ProgressFn, ScoreGrid, report
 
-# Measured on the 2-core CPU box (bench/bench_engine.py --only sweep --tile-sweep --sweep-size 2048): four
-# ~1.1k px tiles beat one 2048 px pass (22.5 s vs 25.2 s) despite 15% halo recomputation:
-# cache-friendly tiles are faster than one huge pass. Above ~1600 px tiles only cost memory.
+# Cap on a tile's size even when the memory budget allows more: in the tile sweep
+# (bench/bench_engine.py --only sweep --tile-sweep) a few cache-friendly tiles beat one huge
+# pass despite the halo recomputation, and larger tiles only cost memory.
 DEFAULT_MAX_TILE_PIXELS = 1600 * 1600
 # Bytes of working memory per byte of the largest activation (input + output of the widest
 # layer plus the convolution library's scratch space).
@@ -122,8 +122,7 @@ def direct_inference(
         raise ValueError(f"image {width}x{height} is smaller than the model window {window[1]}x{window[0]}")
     jump_y, jump_x = fcn.stride
     cells_y, cells_x = fcn.trunk_cells(height, width)
-    fh, fw = fcn.feature_window
-    out_rows, out_cols = cells_y - fh + 1, cells_x - fw + 1
+    out_rows, out_cols = cells_y - fcn.feature_window[0] + 1, cells_x - fcn.feature_window[1] + 1
     if tile_cells is None:
         tile_cells = tile_cells_for_budget(fcn, memory_budget_mb)
     halo_y, halo_x = fcn.halo
@@ -134,43 +133,74 @@ def direct_inference(
 
     head_channels = int(fcn.head.output.shape[-1])
     kept = head_channels if selection is None else len(selection)
-    scores = np.empty((out_rows, out_cols, kept), dtype=np.float32)
     head_rows = max(1, int(memory_budget_mb * 2**20 / (4.0 * ACTIVATION_OVERHEAD * max(1, out_cols) * fcn.head_width)))
-
-    buffer = None  # feature rows [buffer_start, buffer_start + len(buffer))
-    buffer_start = 0
-    next_out = 0
+    stream = _HeadStream(fcn, np.empty((out_rows, out_cols, kept), dtype=np.float32), head_rows, selection)
     done = 0
     for span_y in spans_y:
-        band = None
-        for span_x in spans_x:
-            crop = image[span_y.pixel_start : span_y.pixel_stop, span_x.pixel_start : span_x.pixel_stop]
-            features = keras.ops.convert_to_numpy(fcn.trunk(preprocess(crop)[None], training=False))[0]
-            oy, ox = span_y.offset(jump_y), span_x.offset(jump_x)
-            interior = features[
-                span_y.cell_start - oy : span_y.cell_stop - oy, span_x.cell_start - ox : span_x.cell_stop - ox
-            ]
-            if band is None:
-                band = np.empty((span_y.cell_stop - span_y.cell_start, cells_x, features.shape[-1]), np.float32)
-            band[:, span_x.cell_start : span_x.cell_stop] = interior
-            done += 1
-            report(progress, done, total)
-        buffer = band if buffer is None else np.concatenate([buffer, band], axis=0)
-        available = buffer_start + buffer.shape[0]
-        while next_out + fh <= available:
-            stop = min(available - fh + 1, next_out + head_rows)
-            rows_in = buffer[next_out - buffer_start : stop - buffer_start + fh - 1]
-            out = fcn.apply_head(rows_in[None])
-            scores[next_out:stop] = out if selection is None else out[..., selection]
-            next_out = stop
-        drop = next_out - buffer_start
-        buffer = buffer[drop:]
-        buffer_start = next_out
+        stream.add(_trunk_band(fcn, image, preprocess, span_y, spans_x, cells_x, (progress, done, total)))
+        done += len(spans_x)
     return ScoreGrid(
-        scores=scores,
+        scores=stream.scores,
         rows=np.arange(out_rows, dtype=np.int64) * jump_y,
         cols=np.arange(out_cols, dtype=np.int64) * jump_x,
         window=window,
         stride=(jump_y, jump_x),
         class_indices=np.arange(head_channels, dtype=np.int64) if selection is None else selection,
     )
+
+
+def _trunk_band(fcn: FullyConvolutional, image, preprocess, span_y: Span, spans_x, cells_x: int, progress):
+    """Trunk features of one row of tiles, stitched: ``(cells in span_y, cells_x, channels)``.
+
+    ``progress`` is ``(callback, tiles done before this row, total tiles)``; the callback is
+    told after each tile.
+    """
+    callback, done, total = progress
+    band = None
+    for span_x in spans_x:
+        interior = _trunk_tile(fcn, image, preprocess, span_y, span_x)
+        if band is None:
+            band = np.empty((span_y.cell_stop - span_y.cell_start, cells_x, interior.shape[-1]), np.float32)
+        band[:, span_x.cell_start : span_x.cell_stop] = interior
+        done += 1
+        report(callback, done, total)
+    return band
+
+
+def _trunk_tile(fcn: FullyConvolutional, image, preprocess, span_y: Span, span_x: Span) -> np.ndarray:
+    """Trunk features of one tile's interior cells (its halo cells cut off)."""
+    crop = image[span_y.pixel_start : span_y.pixel_stop, span_x.pixel_start : span_x.pixel_stop]
+    features = keras.ops.convert_to_numpy(fcn.trunk(preprocess(crop)[None], training=False))[0]
+    oy, ox = span_y.offset(fcn.stride[0]), span_x.offset(fcn.stride[1])
+    return features[span_y.cell_start - oy : span_y.cell_stop - oy, span_x.cell_start - ox : span_x.cell_stop - ox]
+
+
+class _HeadStream:
+    """Runs the head on feature rows as they arrive, keeping only the rows still needed.
+
+    ``scores[next_out:]`` are still to be computed; ``buffer`` holds feature rows
+    ``[buffer_start, buffer_start + len(buffer))``.
+    """
+
+    def __init__(self, fcn: FullyConvolutional, scores: np.ndarray, head_rows: int, selection) -> None:
+        self.fcn = fcn
+        self.scores = scores
+        self.head_rows = head_rows
+        self.selection = selection
+        self.buffer = None
+        self.buffer_start = 0
+        self.next_out = 0
+
+    def add(self, band: np.ndarray) -> None:
+        """Append a band of feature rows; compute every score row they complete, in chunks of `head_rows`."""
+        fh = self.fcn.feature_window[0]
+        self.buffer = band if self.buffer is None else np.concatenate([self.buffer, band], axis=0)
+        available = self.buffer_start + self.buffer.shape[0]
+        while self.next_out + fh <= available:
+            stop = min(available - fh + 1, self.next_out + self.head_rows)
+            rows_in = self.buffer[self.next_out - self.buffer_start : stop - self.buffer_start + fh - 1]
+            out = self.fcn.apply_head(rows_in[None])
+            self.scores[self.next_out : stop] = out if self.selection is None else out[..., self.selection]
+            self.next_out = stop
+        self.buffer = self.buffer[self.next_out - self.buffer_start :]
+        self.buffer_start = self.next_out
