@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test serve bench bench-engine bench-service install migrate train-shapes clean
+.PHONY: demo test lint format serve bench bench-engine bench-service install migrate train-shapes clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,9 +18,18 @@ install: $(STAMP)
 demo: install
 	$(PY) scripts/devstack.py demo
 
-## The whole test suite (PostgreSQL too when TEST_DATABASE_URL is set).
-test: install
+## Lint (ruff check + format --check), then the whole test suite (PostgreSQL too when TEST_DATABASE_URL is set).
+test: lint
 	$(VENV)/bin/pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+## Apply ruff's fixes and formatting.
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 ## The embedded stack in the foreground on $$PORT (default 8000) until Ctrl-C.
 serve: install

@@ -28,6 +28,7 @@ from shared.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from shared.job_status import TERMINAL, JobStatus  # noqa: E402
 from shared.migrate import upgrade_database  # noqa: E402
 from shared.settings import Settings  # noqa: E402
+from shared.storage import HEATMAP_FILE, overlay_filename, results_prefix  # noqa: E402
 
 
 class Service:
@@ -171,13 +172,13 @@ def demo(port: int) -> int:
         if job["status"] != JobStatus.succeeded:
             raise SystemExit(f"job {job['status']}: {job.get('error')}")
         result = job["result"]
-        folder = Path(settings.resolved_storage_url) / "results" / job["id"]
+        folder = Path(settings.resolved_storage_url) / results_prefix(job["id"])
         print(
             f"done       in {result['timings']['total_s']:.1f} s (inference {result['timings']['inference_s']:.1f} s)"
         )
-        print(f"heatmaps   {folder / 'heatmap.npz'}  ({base}{result['heatmap_url']})")
+        print(f"heatmaps   {folder / HEATMAP_FILE}  ({base}{result['heatmap_url']})")
         for entry in result["classes"]:
-            overlay = folder / f"overlay_{entry['index']}.png"
+            overlay = folder / overlay_filename(entry["index"])
             print(
                 f"overlay    {entry['name']:<9} {overlay}  "
                 f"peak at x={entry['peak']['x']}, y={entry['peak']['y']}, max={entry['max']:.3f}"

@@ -88,6 +88,37 @@ def run_inference(
     overlays, overlay_shape = write_overlays(
         out_dir, grid, image, max_side=params.overlay_max_side, weighting=params.weighting
     )
+    summary = {
+        "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
+        "model": loaded.name,
+        "mode": params.mode,
+        "parameters": params.to_json(),
+        "grid": _grid_summary(grid),
+        "overlay_size": {"width": overlay_shape[1], "height": overlay_shape[0]},
+        "classes": _class_summaries(grid, names, overlays),
+        "timings": {
+            "model_load_s": round(model_seconds, 4),
+            "decode_s": round(decode_seconds, 4),
+            "inference_s": round(inference_seconds, 4),
+            "write_s": round(time.perf_counter() - clock, 4),
+            "total_s": round(time.perf_counter() - started, 4),
+        },
+    }
+    write_summary(out_dir, summary)
+    return summary
+
+
+def _grid_summary(grid: ScoreGrid) -> dict:
+    return {
+        "rows": int(grid.scores.shape[0]),
+        "cols": int(grid.scores.shape[1]),
+        "window": {"height": grid.window[0], "width": grid.window[1]},
+        "stride": {"y": int(grid.stride[0]), "x": int(grid.stride[1])},
+    }
+
+
+def _class_summaries(grid: ScoreGrid, names: list[str], overlays: list[str]) -> list[dict]:
+    """Per selected class: maximum, mean, peak (image pixels, centre of the best window)."""
     classes = []
     for channel, (name, overlay) in enumerate(zip(names, overlays, strict=True)):
         y, x, best = grid.peak(channel)
@@ -101,26 +132,4 @@ def run_inference(
                 "overlay": overlay,
             }
         )
-    summary = {
-        "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
-        "model": loaded.name,
-        "mode": params.mode,
-        "parameters": params.to_json(),
-        "grid": {
-            "rows": int(grid.scores.shape[0]),
-            "cols": int(grid.scores.shape[1]),
-            "window": {"height": grid.window[0], "width": grid.window[1]},
-            "stride": {"y": int(grid.stride[0]), "x": int(grid.stride[1])},
-        },
-        "overlay_size": {"width": overlay_shape[1], "height": overlay_shape[0]},
-        "classes": classes,
-        "timings": {
-            "model_load_s": round(model_seconds, 4),
-            "decode_s": round(decode_seconds, 4),
-            "inference_s": round(inference_seconds, 4),
-            "write_s": round(time.perf_counter() - clock, 4),
-            "total_s": round(time.perf_counter() - started, 4),
-        },
-    }
-    write_summary(out_dir, summary)
-    return summary
+    return classes
