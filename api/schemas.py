@@ -209,9 +209,16 @@ class SettingMaximum(ma.validate.Validator):
         return value
 
 
+#: Fields whose default is stated in words only: generated clients send every documented
+#: default, and a top_k sent along with classes is refused ("give either top_k or classes").
+DEFAULT_IN_WORDS = frozenset({"top_k"})
+
+
 def _form_field(field: FormField) -> ma.fields.Field:
     metadata = {"description": field.description}
-    if field.default is not None:
+    if field.default is not None and field.name in DEFAULT_IN_WORDS:
+        metadata["description"] = f"{field.description} (default {field.default}; leave out when giving classes)"
+    elif field.default is not None:
         metadata["default"] = field.default  # documented only: an absent field stays absent
     validators: list = []
     if field.choices:

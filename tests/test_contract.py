@@ -158,7 +158,7 @@ def test_the_form_schema_is_generated_from_the_form_fields_and_states_this_deplo
     assert props["image"]["format"] == "binary" and "at most 3 MB" in props["image"]["description"]
     assert props["top_k"]["maximum"] == 7 and props["batch_size"]["maximum"] == stack.settings.max_batch_size
     for field in FORM_FIELDS:
-        assert props[field.name]["description"] == field.description
+        assert props[field.name]["description"].startswith(field.description)
         assert props[field.name].get("enum") == (list(field.choices) if field.choices else None)
         assert props[field.name].get("maxLength") == field.max_length
     # ... and the same limits are what the form is validated with
