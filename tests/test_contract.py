@@ -260,3 +260,24 @@ def test_retry_counts_against_the_active_jobs_quota(tmp_path, redis_server):
     refused = client.post(f"{first['url']}/retry")
     assert refused.status_code == 429 and refused.json["error"]["code"] == "too_many_active_jobs"
     stack.close()
+
+
+def test_concurrent_retries_make_one_job(stack):
+    """jobs.retry_of is unique: racing retries of one job all answer with the same new job,
+    and the losers' upload copies are removed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = stack.client()
+    original = stack.submit(client, IMAGE).json
+    client.delete(original["url"])
+
+    def retry(_):
+        response = stack.client().post(f"{original['url']}/retry")
+        return response.status_code, response.json["id"]
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(retry, range(6)))
+    assert sorted(status for status, _ in outcomes) == [200] * 5 + [202]
+    new_ids = {job_id for _, job_id in outcomes}
+    assert len(new_ids) == 1
+    assert _files(stack) == sorted(f"uploads/{job_id}/image.png" for job_id in new_ids | {original["id"]})
