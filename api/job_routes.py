@@ -211,8 +211,12 @@ def _artifact(job_id: str, pick):
 
 @blp.route("/<string:job_id>/retry", methods=["POST"], endpoint="retry")
 @blp.doc(operationId="retryJob")
-@blp.response(202, JobSchema, description="a new job on a copy of the same input; poll its Location")
-@blp.alt_response(200, schema=JobSchema, description="the job was retried before: that retry")
+@blp.response(
+    202, JobSchema, description="a new job on a copy of the same input; poll its Location", headers=RETRY_AFTER_HEADER
+)
+@blp.alt_response(
+    200, schema=JobSchema, description="the job was retried before: that retry", headers=RETRY_AFTER_HEADER
+)
 def retry(job_id):
     """Retry a failed or canceled job: a new job linked by `retry_of` (409 for other states)."""
     if not JOB_ID_RE.match(job_id):
