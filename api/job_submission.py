@@ -175,6 +175,7 @@ def _insert(ctx: ApiContext, job: Job, find_winner: Callable[[Session], Job | No
         with session_scope(url) as session:
             session.add(job)
     except IntegrityError:
+        log.info("job %s lost an insert race (Idempotency-Key or retry); answering with the winner", job.id)
         ctx.storage.delete_prefix(upload_prefix(job.id))
         with session_scope(url) as session:
             return find_winner(session)

@@ -281,3 +281,22 @@ def test_concurrent_retries_make_one_job(stack):
     new_ids = {job_id for _, job_id in outcomes}
     assert len(new_ids) == 1
     assert _files(stack) == sorted(f"uploads/{job_id}/image.png" for job_id in new_ids | {original["id"]})
+
+
+def test_racing_requests_with_one_idempotency_key(stack):
+    """Concurrent first uses of one key: one job; the same request gets it (200), another
+    request gets 422 - never someone else's job."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def submit(index):
+        response = stack.submit(stack.client(), IMAGE, headers={"Idempotency-Key": "race"}, top_k=1 + index % 2)
+        return 1 + index % 2, response.status_code, (response.json.get("params") or {}).get("top_k")
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(submit, range(6)))
+    created = [top_k for top_k, status, _ in outcomes if status == 202]
+    assert len(created) == 1, outcomes
+    for top_k, status, answered in outcomes:
+        assert (status, answered) in ([(202, top_k), (200, top_k)] if top_k == created[0] else [(422, None)])
+    assert len(stack.client().get("/api/v1/jobs").json["jobs"]) == 1
+    assert len(_files(stack)) == 1
