@@ -1,13 +1,13 @@
-"""contract: request fingerprint (Idempotency-Key conflicts) and retry link
+"""request fingerprint (Idempotency-Key conflicts) and retry link
 
-Revision ID: contract
+Revision ID: 0002
 Revises: 0001
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "contract"
+revision = "0002"
 down_revision = "0001"
 branch_labels = None
 depends_on = None
