@@ -119,6 +119,7 @@ def _tiff_source(tif, owned_stream, max_pixels: int, max_region_pixels: int, min
         raise ImageError("multi_frame", f"TIFF series has axes {axes} {series.shape}; expected one 2-D image")
     y_axis = axes.index("Y")
     width, height = int(series.shape[y_axis + 1]), int(series.shape[y_axis])
+    _check_other_series(tif, width, height)
     check_region_size(width, height, max_region_pixels, min_size)
     levels = check_levels(
         [
@@ -173,6 +174,17 @@ def _wants_region_reader(tif, page0, max_pixels: int) -> bool:
         return len(tif.series[0].levels) > 1
     except Exception:
         return False
+
+
+def _check_other_series(tif, width: int, height: int) -> None:
+    """Other series may be small extras (label, macro, thumbnail), not further full images."""
+    for other in tif.series[1 : MAX_TIFF_PAGES + 1]:
+        shape = other.shape
+        if len(shape) >= 2 and min(shape[-3:-1] if len(shape) >= 3 else shape) * 2 >= min(width, height):
+            raise ImageError(
+                "multi_frame",
+                f"the TIFF holds {len(tif.series)} images of similar size; only one image (and its pyramid) is read",
+            )
 
 
 def _file_size(tif) -> int | None:

@@ -92,7 +92,9 @@ def tiled_inference(
 def _score_batches(classifier, raster: Raster, preprocess, batches, geometry, selection, progress) -> np.ndarray:
     """(rows, cols, classes) scores, NaN where no batch computed a window."""
     rows, cols, window = geometry
-    width = int(classifier.output.shape[-1]) if selection is None else len(selection)
+    channels = raster.read(0, 1, 0, 1).shape[-1]
+    outputs = int(classifier.compute_output_shape((1, *window, channels))[-1])
+    width = outputs if selection is None else len(selection)
     scores = np.full((len(rows), len(cols), width), np.nan, dtype=np.float32)
     for done, members in enumerate(batches, start=1):
         out = keras.ops.convert_to_numpy(
