@@ -94,17 +94,30 @@ def _read_submission() -> Submission:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= 200):
         raise ApiError(400, "invalid_parameter", "Idempotency-Key must be 1 to 200 characters")
-    return Submission(owner=g.owner, form=request.form, image=image.stream, idempotency_key=key or None)
+    mask = request.files.get("mask")
+    return Submission(
+        owner=g.owner,
+        form=request.form,
+        image=image.stream if image is not None else None,
+        idempotency_key=key or None,
+        mask=mask.stream if mask is not None else None,
+    )
 
 
 def _single_image():
     if not (request.mimetype or "").startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "send the image as multipart/form-data with an 'image' field")
     files = request.files  # parses the body; werkzeug enforces the size, field and part limits (413)
-    unexpected = [name for name in files if name != "image"]
+    unexpected = [name for name in files if name not in ("image", "mask")]
     if unexpected:
         raise ApiError(400, "unexpected_field", f"unexpected file field {str(unexpected[0])[:50]!r}")
     images = files.getlist("image")
+    if len(files.getlist("mask")) > 1:
+        raise ApiError(400, "invalid_parameter", "send at most one 'mask' per job")
+    if request.form.get("image_url") and not images:
+        images = [None]  # input by reference; checked by submit_job
+    elif request.form.get("image_url"):
+        raise ApiError(400, "invalid_parameter", "give either an 'image' upload or image_url, not both")
     if not images:
         raise ApiError(400, "missing_image", "the 'image' file field is required")
     if len(images) > 1:

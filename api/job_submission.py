@@ -8,6 +8,7 @@ behind or leaves a row the reconciler finishes (broker down: the row stays `queu
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,10 +21,10 @@ from api.context import ApiContext
 from api.error_handlers import ApiError
 from shared import job_store, ratelimit
 from shared.database import session_scope
-from shared.imageio import probe_image
+from shared.input_probe import probe_input
 from shared.jobspec import validate_params
 from shared.queue import send_job
-from shared.storage import StorageError, upload_key, upload_prefix
+from shared.storage import StorageError, mask_key, upload_key, upload_prefix
 from shared.tables import Job, new_job_id
 
 log = logging.getLogger("heatmaps.api")
@@ -35,8 +36,9 @@ class Submission:
 
     owner: str
     form: Mapping[str, str]
-    image: BinaryIO
+    image: BinaryIO | None  # None when the form names an image_url instead
     idempotency_key: str | None = None
+    mask: BinaryIO | None = None  # an uploaded mask picture (the `mask` file field)
 
 
 @dataclass(frozen=True)
@@ -62,20 +64,13 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
         max_batch_size=settings.max_batch_size,
         max_top_k=settings.max_top_k,
         memory_budget_mb=settings.memory_budget_mb,
+        mask_min_fraction=settings.mask_min_fraction,
     )
-    image = probe_image(submission.image, max_pixels=settings.max_image_pixels, min_size=info.input_size)
+    params, image = probe_input(settings, submission, params, info.input_size)
     _check_limits(ctx, submission.owner)
 
     job_id = new_job_id()
-    key = upload_key(job_id, image.extension)
-    submission.image.seek(0)
-    try:
-        size, digest = ctx.storage.put_stream(key, submission.image)
-    except StorageError as exc:
-        log.error("upload store failed: %s", exc)
-        raise ApiError(
-            503, "storage_unavailable", "could not store the upload; try again shortly", {"Retry-After": "5"}
-        ) from None
+    key, size, digest = _store_input(ctx, job_id, submission, params, image)
     job = Job(
         id=job_id,
         owner=submission.owner,
@@ -95,6 +90,26 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
         return Submitted(winner, created=False)
     _enqueue(ctx, job_id)
     return Submitted(job, created=True)
+
+
+def _store_input(ctx: ApiContext, job_id: str, submission: Submission, params, image) -> tuple[str, int, str | None]:
+    """Stream the upload (and mask) to storage; (image key or URL, bytes, sha256)."""
+    try:
+        if submission.mask is not None:
+            submission.mask.seek(0)
+            ctx.storage.put_stream(mask_key(job_id), submission.mask)
+        if params.image_url:  # read in place by the worker; the digest names the reference
+            return params.image_url, 0, hashlib.sha256(params.image_url.encode()).hexdigest()
+        key = upload_key(job_id, image.extension)
+        submission.image.seek(0)
+        size, digest = ctx.storage.put_stream(key, submission.image)
+        return key, size, digest
+    except StorageError as exc:
+        log.error("upload store failed: %s", exc)
+        ctx.storage.delete_prefix(upload_prefix(job_id))
+        raise ApiError(
+            503, "storage_unavailable", "could not store the upload; try again shortly", {"Retry-After": "5"}
+        ) from None
 
 
 def _earlier_job(ctx: ApiContext, submission: Submission) -> Job | None:

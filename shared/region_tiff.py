@@ -44,6 +44,18 @@ def sniff_tiff_head(stream: IO[bytes]) -> bool:
         stream.seek(pos)
 
 
+class _NamedStream:
+    """A stream with a string name: tifffile needs one (anonymous temp files have an int)."""
+
+    name = "upload.tif"
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+
+    def __getattr__(self, attr: str):
+        return getattr(self._raw, attr)
+
+
 class TiffSource(ImageSource):
     """One series of a TIFF file; levels are zarr arrays opened on first use."""
 
@@ -91,7 +103,8 @@ def open_tiff_source(
 
     stream.seek(0)
     try:
-        tif = tifffile.TiffFile(stream, _multifile=False)
+        named = stream if isinstance(getattr(stream, "name", None), str) else _NamedStream(stream)
+        tif = tifffile.TiffFile(named, _multifile=False)
     except Exception:
         return None
     try:
