@@ -110,15 +110,12 @@ def direct_inference(
             halo is read when needed and dropped after); preprocessing is applied per tile.
         preprocess: maps a uint8 crop to the model's float32 input.
         memory_budget_mb: bound for one tile's activations; decides the tile size.
-        tile_cells: trunk cells per tile side, overriding the budget (tests, benchmarks);
-            a value covering the whole image means one whole-image pass.
+        tile_cells: trunk cells per tile side, overriding the budget (whole image: one pass).
         class_indices: keep only these model outputs (all when None).
         progress: ``progress(done, total)`` after each trunk tile computed; may raise to stop.
-        keep: ``keep(rows, cols, window) -> bool grid``: windows to compute (a mask); the
-            others are NaN, and trunk tiles no kept window needs are never read.
-
-    Returns:
-        A ScoreGrid with ``rows[i] = i * stride_y`` and ``cols[j] = j * stride_x``.
+        keep: ``keep(rows, cols, window) -> bool grid`` (a mask): other windows are NaN, and
+            trunk tiles no kept window needs are never read.
+    Returns a ScoreGrid with ``rows[i] = i * stride_y`` and ``cols[j] = j * stride_x``.
     """
     raster = as_raster(image)
     height, width = raster.height, raster.width
