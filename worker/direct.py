@@ -125,8 +125,7 @@ def direct_inference(
     jump_y, jump_x = fcn.stride
     cells_y, cells_x = fcn.trunk_cells(height, width)
     out_rows, out_cols = cells_y - fcn.feature_window[0] + 1, cells_x - fcn.feature_window[1] + 1
-    rows = np.arange(out_rows, dtype=np.int64) * jump_y
-    cols = np.arange(out_cols, dtype=np.int64) * jump_x
+    rows, cols = np.arange(out_rows, dtype=np.int64) * jump_y, np.arange(out_cols, dtype=np.int64) * jump_x
     computed = None if keep is None else np.asarray(keep(rows, cols, window), dtype=bool)
     if tile_cells is None:
         tile_cells = tile_cells_for_budget(fcn, memory_budget_mb)
