@@ -26,6 +26,8 @@ from shared.imageio import load_rgb
 
 #: Longest side of the low-resolution view the automatic mask is computed on.
 AUTO_MASK_SIDE = 2048
+#: Longest side an uploaded mask is reduced to (box filter) before use.
+UPLOADED_MASK_SIDE = 4096
 #: Bytes of one band read while building the view (bounds memory on unpyramided images).
 _BAND_BYTES = 64 * 2**20
 
@@ -117,5 +119,11 @@ def auto_mask(source: ImageSource) -> CoverageMask:
 def uploaded_mask(path, size: tuple[int, int], *, max_pixels: int) -> CoverageMask:
     """A mask picture (any size and format the service reads): grey > 127 is inside."""
     rgb = load_rgb(path, max_pixels=max_pixels)
-    grey = np.asarray(Image.fromarray(rgb).convert("L"))
-    return CoverageMask(grey > 127, size)
+    picture = Image.fromarray(rgb).convert("L")
+    del rgb
+    if max(picture.size) > UPLOADED_MASK_SIDE:  # bounds the integral image of the window fractions
+        scale = UPLOADED_MASK_SIDE / max(picture.size)
+        picture = picture.resize(
+            (max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), Image.Resampling.BOX
+        )
+    return CoverageMask(np.asarray(picture) > 127, size)

@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heatmap", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     infer = commands.add_parser("infer", help="compute heatmaps for one image")
-    infer.add_argument("image")
+    infer.add_argument("image", nargs="?", help="image file (or give --image-url)")
     exclusive = infer.add_mutually_exclusive_group()  # top_k or classes
     for field in FORM_FIELDS:
         target = exclusive if field.name in ("top_k", "classes") else infer
@@ -79,6 +79,9 @@ def _infer(args: argparse.Namespace, settings, registry) -> int:
     from worker.engine import run_inference
     from worker.model_registry import ModelUnavailableError
 
+    if not (args.image or args.image_url):
+        print("error: missing_image: give an image file or --image-url", file=sys.stderr)
+        return 2
     raw = {field.name: getattr(args, field.name) for field in FORM_FIELDS}
     raw["memory_budget_mb"] = args.memory_budget_mb
     mask_image = None
