@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 from shared.exceptions import InputError
 
+#: The job row keeps the URL in its image_key column (500 characters).
+MAX_URL_LENGTH = 500
 #: Schemes fsspec reads by region that make sense as job input.
 SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs", "http", "https")
 
@@ -22,8 +24,8 @@ def check_input_url(url: str, prefixes: list[str]) -> str:
     if not prefixes:
         raise InputError("image_url_disabled", "image_url is not enabled on this service; upload the image instead")
     text = (url or "").strip()
-    if not text or len(text) > 2048:
-        raise InputError("invalid_image_url", "image_url must be a URL of at most 2048 characters")
+    if not text or len(text) > MAX_URL_LENGTH:
+        raise InputError("invalid_image_url", f"image_url must be a URL of at most {MAX_URL_LENGTH} characters")
     parts = urlsplit(text)
     if parts.scheme not in SCHEMES or not (parts.netloc or parts.scheme == "file"):
         raise InputError("invalid_image_url", f"image_url must be one of {', '.join(s + '://' for s in SCHEMES)}")
