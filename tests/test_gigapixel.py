@@ -363,3 +363,28 @@ def test_multipage_tiff_that_is_no_pyramid_still_refused(tmp_path):
         for _ in range(3):
             tif.write(np.zeros((64, 64, 3), np.uint8), tile=(16, 16), photometric="rgb")
     assert _code(path) == "multi_frame"
+
+
+def test_input_url_rules():
+    from shared.input_urls import check_input_url
+
+    allowed = ["s3://slides/in", "file:///mnt/slides/"]
+    assert check_input_url("s3://slides/in/a/b.svs", allowed) == "s3://slides/in/a/b.svs"
+    assert check_input_url("file:///mnt/slides/x.tif", allowed) == "file:///mnt/slides/x.tif"
+    cases = {
+        "s3://slides/inx/a.svs": "url_not_allowed",
+        "s3://other/in/a.svs": "url_not_allowed",
+        "s3://slides/in/../secret/a.svs": "invalid_image_url",
+        "file:///mnt/slides/./x.tif": "invalid_image_url",
+        "http://user:pw@host/a.tif": "invalid_image_url",
+        "s3://slides/in/a.svs#frag": "invalid_image_url",
+        "/mnt/slides/x.tif": "invalid_image_url",
+        "s3://slides/in/" + "a" * 500: "invalid_image_url",
+    }
+    for url, code in cases.items():
+        with pytest.raises(InputError) as exc:
+            check_input_url(url, allowed)
+        assert exc.value.code == code, url
+    with pytest.raises(InputError) as exc:
+        check_input_url("s3://slides/in/a.svs", [])
+    assert exc.value.code == "image_url_disabled"
