@@ -131,6 +131,7 @@ def test_ordinary_images_keep_pillow(tmp_path):
 # --------------------------------------------------------------------------- engine from a source
 
 
+@pytest.mark.slow
 def test_direct_and_tiled_from_source_equal_in_memory(registry, scene_tiff):
     path, levels = scene_tiff
     loaded = registry.load("shapes")
