@@ -44,6 +44,13 @@ INPUT_ERROR_STATUS = {
     "multi_frame": 415,
     "too_many_pixels": 413,
     "image_too_small": 422,
+    # large-image path (shared.image_sources, shared.input_urls)
+    "tile_too_large": 413,
+    "grid_too_large": 413,
+    "no_resolution": 422,
+    "image_url_disabled": 403,
+    "url_not_allowed": 403,
+    "url_unreadable": 422,
 }
 
 

@@ -15,6 +15,7 @@ from api.job_submission import Submission, retry_job, submit_job
 from api.multipart_form import MultipartParser
 from api.schemas import (
     IMAGE_FIELD,
+    MASK_FIELD,
     RETRY_AFTER_HEADER,
     JobListQuerySchema,
     JobListSchema,
@@ -156,8 +157,14 @@ class Jobs(MethodView):
 
         Reusing an Idempotency-Key with other parameters or another image is refused with
         422 `idempotency_conflict`."""
-        image = form.pop(IMAGE_FIELD)
-        submission = Submission(owner=g.owner, form=form, image=image.stream, idempotency_key=_idempotency_key())
+        image, mask = form.pop(IMAGE_FIELD, None), form.pop(MASK_FIELD, None)
+        submission = Submission(
+            owner=g.owner,
+            form=form,
+            image=image.stream if image is not None else None,
+            idempotency_key=_idempotency_key(),
+            mask=mask.stream if mask is not None else None,
+        )
         outcome = submit_job(_ctx(), submission)
         job = outcome.job
         return represent(job), 202 if outcome.created else 200, poll_headers(job, {"Location": job_url(job.id)})

@@ -23,11 +23,11 @@ from api.context import ApiContext
 from api.error_handlers import ApiError
 from shared import job_store, ratelimit
 from shared.database import session_scope
-from shared.imageio import probe_image
+from shared.input_probe import probe_input
 from shared.job_status import JobStatus
 from shared.jobspec import validate_params
 from shared.queue import send_job
-from shared.storage import CHUNK, StorageError, upload_key, upload_prefix
+from shared.storage import CHUNK, StorageError, mask_key, upload_key, upload_prefix
 from shared.tables import Job, new_job_id
 
 log = logging.getLogger("heatmaps.api")
@@ -40,8 +40,9 @@ class Submission:
 
     owner: str
     form: Mapping[str, Any]
-    image: BinaryIO
+    image: BinaryIO | None  # None when the form names an image_url instead
     idempotency_key: str | None = None
+    mask: BinaryIO | None = None  # an uploaded mask picture (the `mask` file field)
 
 
 @dataclass(frozen=True)
@@ -83,20 +84,13 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
         max_batch_size=settings.max_batch_size,
         max_top_k=settings.max_top_k,
         memory_budget_mb=settings.memory_budget_mb,
+        mask_min_fraction=settings.mask_min_fraction,
     )
-    image = probe_image(submission.image, max_pixels=settings.max_image_pixels, min_size=info.input_size)
+    params, image = probe_input(settings, submission, params, info.input_size)
     _check_limits(ctx, submission.owner)
 
     job_id = new_job_id()
-    key = upload_key(job_id, image.extension)
-    submission.image.seek(0)
-    try:
-        size, digest = ctx.storage.put_stream(key, submission.image)
-    except StorageError as exc:
-        log.error("upload store failed: %s", exc)
-        raise ApiError(
-            503, "storage_unavailable", "could not store the upload; try again shortly", {"Retry-After": "5"}
-        ) from None
+    key, size, digest = _store_input(ctx, job_id, submission, params, image)
     job = Job(
         id=job_id,
         owner=submission.owner,
@@ -124,13 +118,37 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
 
 
 def _fingerprint_of(submission: Submission) -> str:
-    """Hash the incoming image (only on an Idempotency-Key replay) and fingerprint the request."""
+    """Hash the incoming image (only on an Idempotency-Key replay) and fingerprint the request;
+    an image_url stands for itself (as it does in the stored row)."""
+    if submission.image is None:
+        reference = str(submission.form.get("image_url")).encode()
+        return request_fingerprint(submission.form, hashlib.sha256(reference).hexdigest())
     digest = hashlib.sha256()
     submission.image.seek(0)
     while chunk := submission.image.read(CHUNK):
         digest.update(chunk)
     submission.image.seek(0)
     return request_fingerprint(submission.form, digest.hexdigest())
+
+
+def _store_input(ctx: ApiContext, job_id: str, submission: Submission, params, image) -> tuple[str, int, str]:
+    """Stream the upload (and mask) to storage; (image key or URL, bytes, sha256)."""
+    try:
+        if submission.mask is not None:
+            submission.mask.seek(0)
+            ctx.storage.put_stream(mask_key(job_id), submission.mask)
+        if params.image_url:  # read in place by the worker; the digest names the reference
+            return params.image_url, 0, hashlib.sha256(params.image_url.encode()).hexdigest()
+        key = upload_key(job_id, image.extension)
+        submission.image.seek(0)
+        size, digest = ctx.storage.put_stream(key, submission.image)
+        return key, size, digest
+    except StorageError as exc:
+        log.error("upload store failed: %s", exc)
+        ctx.storage.delete_prefix(upload_prefix(job_id))
+        raise ApiError(
+            503, "storage_unavailable", "could not store the upload; try again shortly", {"Retry-After": "5"}
+        ) from None
 
 
 def _earlier_job(ctx: ApiContext, submission: Submission) -> Job | None:
@@ -230,12 +248,18 @@ def retry_job(ctx: ApiContext, owner: str, job_id: str) -> Submitted:
 
 
 def _copy_for_retry(ctx: ApiContext, old: Job) -> Job:
+    """A new row on a copy of the old job's stored input (an image_url is read in place,
+    so it is reused as it is); the uploaded mask picture is copied too."""
     new_id = new_job_id()
-    key = upload_key(new_id, "." + old.image_key.rsplit(".", 1)[-1])
+    key, size, digest = old.image_key, old.image_bytes, old.image_sha256
     try:
-        with ctx.storage.open(old.image_key) as source:
-            size, digest = ctx.storage.put_stream(key, source)
+        if not (old.params or {}).get("image_url"):
+            key = upload_key(new_id, "." + old.image_key.rsplit(".", 1)[-1])
+            size, digest = _copy_object(ctx, old.image_key, key)
+        if (old.params or {}).get("mask") == "image":
+            _copy_object(ctx, mask_key(old.id), mask_key(new_id))
     except FileNotFoundError:
+        ctx.storage.delete_prefix(upload_prefix(new_id))
         raise ApiError(
             409, "input_gone", "the job's upload no longer exists (unreadable image or retention); submit it again"
         ) from None
@@ -254,3 +278,8 @@ def _copy_for_retry(ctx: ApiContext, old: Job) -> Job:
         image_bytes=size,
         **{name: getattr(old, name) for name in columns},
     )
+
+
+def _copy_object(ctx: ApiContext, source_key: str, target_key: str) -> tuple[int, str]:
+    with ctx.storage.open(source_key) as source:
+        return ctx.storage.put_stream(target_key, source)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from webargs.flaskparser import FlaskParser
 
 from api.error_handlers import ApiError
-from api.schemas import IMAGE_FIELD
+from api.schemas import FILE_FIELDS, IMAGE_FIELD, MASK_FIELD
 
 
 class MultipartParser(FlaskParser):
@@ -27,19 +27,24 @@ class MultipartParser(FlaskParser):
                 415, "unsupported_media_type", f"send the image as multipart/form-data with an '{IMAGE_FIELD}' field"
             )
         files = req.files  # parses the body; werkzeug enforces the size, field and part limits (413)
-        unexpected = [name for name in files if name != IMAGE_FIELD]
+        unexpected = [name for name in files if name not in FILE_FIELDS]
         if unexpected:
             raise ApiError(400, "unexpected_field", f"unexpected file field {str(unexpected[0])[:50]!r}")
         images = files.getlist(IMAGE_FIELD)
-        if not images:
+        by_reference = bool(req.form.get("image_url"))
+        if by_reference and images:
+            raise ApiError(400, "invalid_parameter", f"give either an '{IMAGE_FIELD}' upload or image_url, not both")
+        if not images and not by_reference:
             raise ApiError(400, "missing_image", f"the '{IMAGE_FIELD}' file field is required")
         if len(images) > 1:
             raise ApiError(400, "multiple_images", f"send exactly one '{IMAGE_FIELD}' per job")
-        allowed = set(schema.fields) - {IMAGE_FIELD}
+        if len(files.getlist(MASK_FIELD)) > 1:
+            raise ApiError(400, "invalid_parameter", f"send at most one '{MASK_FIELD}' per job")
+        allowed = set(schema.fields) - set(FILE_FIELDS)
         unknown = [name for name in req.form if name not in allowed]
         if unknown:
             raise ApiError(400, "unexpected_field", f"unknown form field {str(unknown[0])[:50]!r}")
         for name in req.form:
             if len(req.form.getlist(name)) > 1:
                 raise ApiError(400, "invalid_parameter", f"form field {name[:50]!r} given more than once")
-        return {**req.form.to_dict(), IMAGE_FIELD: images[0]}
+        return {**req.form.to_dict(), **{name: files[name] for name in FILE_FIELDS if name in files}}

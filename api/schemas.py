@@ -233,8 +233,11 @@ def _form_field(field: FormField) -> ma.fields.Field:
     return kind(validate=validators, metadata=metadata)
 
 
-#: Name of the one file part of a submission.
+#: Names of the file parts of a submission: the image (or an image_url form field instead)
+#: and an optional mask picture.
 IMAGE_FIELD = "image"
+MASK_FIELD = "mask_image"
+FILE_FIELDS = (IMAGE_FIELD, MASK_FIELD)
 
 
 class _SubmitBase(ma.Schema):
@@ -242,8 +245,17 @@ class _SubmitBase(ma.Schema):
         unknown = ma.RAISE
 
     image = Upload(
-        required=True,
-        metadata={"description": "JPEG, PNG, TIFF, BMP or WebP, checked by content", "limits": "upload"},
+        metadata={
+            "description": "the image (required unless image_url is given): JPEG, PNG, WebP, BMP, TIFF incl. "
+            "tiled/pyramidal/BigTIFF/OME/GeoTIFF, or a whole-slide file; checked by content",
+            "limits": "upload",
+        },
+    )
+    mask_image = Upload(
+        metadata={
+            "description": "optional mask picture (any size, stretched over the image): windows outside "
+            "it are not computed; implies mask=image"
+        },
     )
 
     @ma.pre_load

@@ -6,6 +6,7 @@ No TensorFlow here: checks use the model's catalogue entry (classes, native wind
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -15,6 +16,9 @@ from shared.exceptions import InputError
 
 MODES = ("direct", "tiled")
 WEIGHTINGS = ("mean", "gaussian")
+#: mask modes; "image" means a mask picture was sent (the `mask` file field, or a path on the CLI)
+MASKS = ("none", "auto", "image")
+MAX_LEVEL = 63
 DEFAULT_TOP_K = 3
 DEFAULT_BATCH_SIZE = 32
 
@@ -58,6 +62,15 @@ FORM_FIELDS: tuple[FormField, ...] = (
     ),
     FormField("classes", "string", "comma-separated class names or indices (instead of top_k)", max_length=16384),
     FormField("weighting", "string", "blending of overlapping windows in the overlays", WEIGHTINGS, "mean"),
+    FormField("level", "integer", "pyramid level to analyse (0 = full resolution); instead of mpp", minimum=0),
+    FormField("mpp", "string", "target microns per pixel: the nearest finer level, resampled; instead of level"),
+    FormField(
+        "mask",
+        "string",
+        "windows to compute: none, auto (tissue; the default for slides) or image "
+        "(a mask picture sent as the file field `mask_image`)",
+    ),
+    FormField("image_url", "string", "instead of an upload: an fsspec URL under the service's INPUT_URL_PREFIXES"),
 )
 FORM_FIELD_NAMES = frozenset(field.name for field in FORM_FIELDS)
 
@@ -80,6 +93,11 @@ class JobParams:
     memory_budget_mb: int = 1024  # direct mode: bound for one tile's activations
     weighting: str = "mean"  # blending of overlapping windows in the overlays
     overlay_max_side: int = 1024
+    level: int | None = None  # pyramid level analysed (None: level 0, or the one mpp picks)
+    mpp: float | None = None  # target microns per pixel
+    mask: str | None = None  # none | auto | image; None: auto for slides, none otherwise
+    mask_min_fraction: float = 0.25  # windows with less of their area in the mask are not computed
+    image_url: str | None = None  # input by reference (checked against INPUT_URL_PREFIXES)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -129,21 +147,13 @@ def validate_params(
     max_batch_size: int = 256,
     max_top_k: int = 20,
     memory_budget_mb: int = 1024,
+    mask_min_fraction: float = 0.25,
 ) -> JobParams:
     """Check raw (form or CLI) values against the model; raise ParameterError on the first problem."""
     mode = raw.get("mode") or "direct"
     if mode not in MODES:
         raise ParameterError("invalid_parameter", f"mode must be one of {', '.join(MODES)}, got {str(mode)[:40]!r}")
-    window = info.input_size
-    stride = raw.get("stride")
-    if stride not in (None, ""):
-        if mode != "tiled":
-            raise ParameterError(
-                "invalid_parameter", "stride applies to mode=tiled; direct mode uses the network's own stride"
-            )
-        stride = _integer("stride", stride, 1, min(window))
-    else:
-        stride = None
+    stride = _stride(raw.get("stride"), mode, info.input_size)
     batch_size = raw.get("batch_size")
     batch_size = (
         DEFAULT_BATCH_SIZE if batch_size in (None, "") else _integer("batch_size", batch_size, 1, max_batch_size)
@@ -167,6 +177,7 @@ def validate_params(
         raise ParameterError("invalid_parameter", f"weighting must be one of {', '.join(WEIGHTINGS)}")
     budget = raw.get("memory_budget_mb")
     budget = memory_budget_mb if budget in (None, "") else _integer("memory_budget_mb", budget, 64, 1 << 20)
+    level, mpp = _resolution(raw)
     return JobParams(
         model=info.name,
         mode=mode,
@@ -176,4 +187,44 @@ def validate_params(
         class_indices=class_indices,
         memory_budget_mb=budget,
         weighting=weighting,
+        level=level,
+        mpp=mpp,
+        mask=_mask(raw.get("mask")),
+        mask_min_fraction=mask_min_fraction,
+        image_url=(raw.get("image_url") or None),
     )
+
+
+def _stride(stride: Any, mode: str, window: tuple[int, int]) -> int | None:
+    if stride in (None, ""):
+        return None
+    if mode != "tiled":
+        raise ParameterError(
+            "invalid_parameter", "stride applies to mode=tiled; direct mode uses the network's own stride"
+        )
+    return _integer("stride", stride, 1, min(window))
+
+
+def _resolution(raw: Mapping[str, Any]) -> tuple[int | None, float | None]:
+    """level or mpp (not both); the file's own facts are checked when it is opened."""
+    level, mpp = raw.get("level"), raw.get("mpp")
+    if level not in (None, "") and mpp not in (None, ""):
+        raise ParameterError("invalid_parameter", "give either level or mpp, not both")
+    level = None if level in (None, "") else _integer("level", level, 0, MAX_LEVEL)
+    if mpp in (None, ""):
+        return level, None
+    try:
+        value = float(str(mpp).strip()[:40])
+    except ValueError:
+        raise ParameterError("invalid_parameter", f"mpp must be a number, got {str(mpp)[:40]!r}") from None
+    if not (math.isfinite(value) and 0.01 <= value <= 1e6):
+        raise ParameterError("invalid_parameter", "mpp must be between 0.01 and 1000000 microns per pixel")
+    return None, value
+
+
+def _mask(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    if value not in MASKS:
+        raise ParameterError("invalid_parameter", f"mask must be one of {', '.join(MASKS)}")
+    return value

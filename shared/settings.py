@@ -79,6 +79,29 @@ class Settings(BaseSettings):
     retention_hours: float = Field(168.0, gt=0, description="Finished jobs and their files are deleted after this.")
     transient_retries: int = Field(3, ge=0, description="Retries of a database or storage call before failing.")
 
+    # --- large images (region reads, masks, input by reference) --------------------------
+    max_region_pixels: int = Field(
+        40_000_000_000,
+        gt=0,
+        description="Pixel limit of region-readable images (tiled/pyramidal TIFF, slides): never decoded whole.",
+    )
+    mask_min_fraction: float = Field(
+        0.25, ge=0, le=1, description="Windows with less of their area inside the mask are not computed (NaN)."
+    )
+    input_url_prefixes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated fsspec URL prefixes an image_url may start with; empty = image_url off.",
+    )
+
+    @field_validator("input_url_prefixes", mode="before")
+    @classmethod
+    def _split_prefixes(cls, value):
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     @field_validator("worker_preload_models", mode="before")
     @classmethod
     def _split_models(cls, value):

@@ -30,6 +30,11 @@ def upload_prefix(job_id: str) -> str:
     return f"uploads/{job_id}"
 
 
+def mask_key(job_id: str) -> str:
+    """A job's uploaded mask picture (read by content, so no extension)."""
+    return f"{upload_prefix(job_id)}/mask"
+
+
 def upload_key(job_id: str, extension: str) -> str:
     """The stored upload: a generated name, never the client's file name."""
     return f"{upload_prefix(job_id)}/image{extension}"

@@ -25,7 +25,7 @@ from worker.model_registry import ModelRegistry  # noqa: E402
 from worker.preprocess import get_preprocess  # noqa: E402
 
 CLASSES = ["apple", "banana", "cherry", "date"]
-NPZ_KEYS = {"scores", "classes", "class_indices", "rows", "cols", "window", "stride", "mode", "model"}
+NPZ_KEYS = {"scores", "computed", "classes", "class_indices", "rows", "cols", "window", "stride", "mode", "model"}
 MAX_PIXELS = 10**8
 
 

@@ -69,6 +69,7 @@ def write_heatmap(out_dir: Path, grid: ScoreGrid, class_names: list[str], mode: 
         scores=grid.scores.astype(np.float32),
         classes=np.asarray(class_names, dtype=str),
         class_indices=grid.class_indices.astype(np.int64),
+        computed=np.ones(grid.scores.shape[:2], dtype=bool) if grid.computed is None else grid.computed,
         rows=grid.rows.astype(np.int64),
         cols=grid.cols.astype(np.int64),
         window=np.asarray(grid.window, dtype=np.int64),
@@ -89,13 +90,15 @@ def write_overlays(
     max_side: int = 1024,
     weighting: str = "mean",
     alpha: tuple[float, float] = (0.15, 0.85),
+    image_size: tuple[int, int] | None = None,
 ) -> tuple[list[str], tuple[int, int]]:
     """One PNG per score channel: the blended class map in colour over the downscaled image.
 
     Probabilities (all scores within [0, 1]) are drawn on an absolute scale, so a class
     that is absent stays dark; other scores are stretched to their own min..max.
+    `image_size` (h, w) is the grid's coordinate frame when `image` is a smaller picture of it.
     """
-    height, width = image.shape[:2]
+    height, width = image_size or image.shape[:2]
     size = overlay_size(height, width, max_side)
     base = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.float32)
     maps = blend(grid, (height, width), size, weighting=weighting)

@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heatmap", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     infer = commands.add_parser("infer", help="compute heatmaps for one image")
-    infer.add_argument("image")
+    infer.add_argument("image", nargs="?", help="image file (or give --image-url)")
     exclusive = infer.add_mutually_exclusive_group()  # top_k or classes
     for field in FORM_FIELDS:
         target = exclusive if field.name in ("top_k", "classes") else infer
@@ -79,8 +79,14 @@ def _infer(args: argparse.Namespace, settings, registry) -> int:
     from worker.engine import run_inference
     from worker.model_registry import ModelUnavailableError
 
+    if not (args.image or args.image_url):
+        print("error: missing_image: give an image file or --image-url", file=sys.stderr)
+        return 2
     raw = {field.name: getattr(args, field.name) for field in FORM_FIELDS}
     raw["memory_budget_mb"] = args.memory_budget_mb
+    mask_image = None
+    if raw.get("mask") not in (None, "none", "auto"):  # --mask PATH: a mask picture
+        mask_image, raw["mask"] = raw["mask"], "image"
     bar = None
     try:
         info = registry.info(args.model or settings.default_model)
@@ -90,11 +96,19 @@ def _infer(args: argparse.Namespace, settings, registry) -> int:
             max_batch_size=settings.max_batch_size,
             max_top_k=max(settings.max_top_k, len(info.classes)),
             memory_budget_mb=settings.memory_budget_mb,
+            mask_min_fraction=settings.mask_min_fraction,
         )
         params = dataclasses.replace(params, model=args.model or settings.default_model)
         bar = _ProgressBar("tile" if params.mode == "direct" else "batch")
         summary = run_inference(
-            args.image, params, registry, args.out, max_pixels=settings.max_image_pixels, progress=bar
+            params.image_url or args.image,
+            params,
+            registry,
+            args.out,
+            max_pixels=settings.max_image_pixels,
+            max_region_pixels=settings.max_region_pixels,
+            mask_image=mask_image,
+            progress=bar,
         )
     except InputError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)

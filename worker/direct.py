@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from shared.analysis_raster import Raster, as_raster
 from worker.fcn import FullyConvolutional
-from worker.grid import ProgressFn, ScoreGrid, report
+from worker.grid import KeepFn, ProgressFn, ScoreGrid, report
 
 # Cap on a tile's size even when the memory budget allows more: in the tile sweep
 # (bench/bench_engine.py --only sweep --tile-sweep) a few cache-friendly tiles beat one huge
@@ -92,85 +93,117 @@ def tile_cells_for_budget(
 
 def direct_inference(
     fcn: FullyConvolutional,
-    image: np.ndarray,
+    image: np.ndarray | Raster,
     preprocess: Callable[[np.ndarray], np.ndarray],
     *,
     memory_budget_mb: float = 1024,
     tile_cells: int | None = None,
     class_indices: Sequence[int] | None = None,
     progress: ProgressFn | None = None,
+    keep: KeepFn | None = None,
 ) -> ScoreGrid:
     """Scores of every native window at the network's output stride.
 
     Args:
         fcn: the converted classifier (``worker.fcn.to_fully_convolutional``).
-        image: ``(H, W, C)`` uint8 pixels; preprocessing is applied tile by tile so the
-            whole image is never held as float32.
+        image: ``(H, W, C)`` uint8 pixels or a raster read tile by tile (each tile with its
+            halo is read when needed and dropped after); preprocessing is applied per tile.
         preprocess: maps a uint8 crop to the model's float32 input.
         memory_budget_mb: bound for one tile's activations; decides the tile size.
-        tile_cells: trunk cells per tile side, overriding the budget (tests, benchmarks);
-            a value covering the whole image means one whole-image pass.
+        tile_cells: trunk cells per tile side, overriding the budget (whole image: one pass).
         class_indices: keep only these model outputs (all when None).
-        progress: ``progress(done, total)`` after each trunk tile; may raise to stop.
-
-    Returns:
-        A ScoreGrid with ``rows[i] = i * stride_y`` and ``cols[j] = j * stride_x``.
+        progress: ``progress(done, total)`` after each trunk tile computed; may raise to stop.
+        keep: ``keep(rows, cols, window) -> bool grid`` (a mask): other windows are NaN, and
+            trunk tiles no kept window needs are never read.
+    Returns a ScoreGrid with ``rows[i] = i * stride_y`` and ``cols[j] = j * stride_x``.
     """
-    height, width = image.shape[:2]
+    raster = as_raster(image)
+    height, width = raster.height, raster.width
     window = fcn.window
     if height < window[0] or width < window[1]:
         raise ValueError(f"image {width}x{height} is smaller than the model window {window[1]}x{window[0]}")
     jump_y, jump_x = fcn.stride
     cells_y, cells_x = fcn.trunk_cells(height, width)
     out_rows, out_cols = cells_y - fcn.feature_window[0] + 1, cells_x - fcn.feature_window[1] + 1
+    rows, cols = np.arange(out_rows, dtype=np.int64) * jump_y, np.arange(out_cols, dtype=np.int64) * jump_x
+    computed = None if keep is None else np.asarray(keep(rows, cols, window), dtype=bool)
     if tile_cells is None:
         tile_cells = tile_cells_for_budget(fcn, memory_budget_mb)
-    halo_y, halo_x = fcn.halo
-    spans_y = plan_axis(height, jump_y, halo_y, cells_y, tile_cells)
-    spans_x = plan_axis(width, jump_x, halo_x, cells_x, tile_cells)
-    total = len(spans_y) * len(spans_x)
+    spans_y = plan_axis(height, jump_y, fcn.halo[0], cells_y, tile_cells)
+    spans_x = plan_axis(width, jump_x, fcn.halo[1], cells_x, tile_cells)
+    plan = _TilePlan(spans_y, spans_x, _needed_cells(computed, fcn.feature_window, (cells_y, cells_x)))
     selection = None if class_indices is None else np.asarray(class_indices, dtype=np.int64)
-
     head_channels = int(fcn.head.output.shape[-1])
-    kept = head_channels if selection is None else len(selection)
-    head_rows = max(1, int(memory_budget_mb * 2**20 / (4.0 * ACTIVATION_OVERHEAD * max(1, out_cols) * fcn.head_width)))
-    stream = _HeadStream(fcn, np.empty((out_rows, out_cols, kept), dtype=np.float32), head_rows, selection)
-    done = 0
+    stream = _HeadStream.for_grid(fcn, (out_rows, out_cols), memory_budget_mb, selection, computed)
+    counter = [0, plan.total, progress]
     for span_y in spans_y:
-        stream.add(_trunk_band(fcn, image, preprocess, span_y, spans_x, cells_x, (progress, done, total)))
-        done += len(spans_x)
+        stream.add(_trunk_band(fcn, raster, preprocess, span_y, plan, cells_x, counter))
+    if computed is not None:
+        stream.scores[~computed] = np.nan  # cells computed only as neighbours of kept ones
     return ScoreGrid(
-        scores=stream.scores,
-        rows=np.arange(out_rows, dtype=np.int64) * jump_y,
-        cols=np.arange(out_cols, dtype=np.int64) * jump_x,
+        stream.scores,
+        rows=rows,
+        cols=cols,
         window=window,
         stride=(jump_y, jump_x),
         class_indices=np.arange(head_channels, dtype=np.int64) if selection is None else selection,
+        computed=computed,
+        tiles_read=plan.total,
+        tiles_skipped=len(spans_y) * len(spans_x) - plan.total,
     )
 
 
-def _trunk_band(fcn: FullyConvolutional, image, preprocess, span_y: Span, spans_x, cells_x: int, progress):
+class _TilePlan:
+    """Which trunk tiles hold a trunk cell some kept window needs (all when no mask)."""
+
+    def __init__(self, spans_y: list[Span], spans_x: list[Span], needed: np.ndarray | None) -> None:
+        self.spans_x = spans_x
+        self.needed = needed
+        self.total = sum(self.wanted(sy, sx) for sy in spans_y for sx in spans_x)
+
+    def wanted(self, span_y: Span, span_x: Span) -> bool:
+        if self.needed is None:
+            return True
+        return bool(self.needed[span_y.cell_start : span_y.cell_stop, span_x.cell_start : span_x.cell_stop].any())
+
+
+def _needed_cells(computed: np.ndarray | None, feature_window: tuple[int, int], cells: tuple[int, int]):
+    """Trunk cells under the feature window of any computed output cell (a box dilation)."""
+    if computed is None:
+        return None
+    fh, fw = feature_window
+    padded = np.zeros((computed.shape[0] + 1, computed.shape[1] + 1), dtype=np.int64)
+    padded[1:, 1:] = computed.astype(np.int64).cumsum(0).cumsum(1)
+    ys = np.arange(cells[0])
+    xs = np.arange(cells[1])
+    y0, y1 = np.clip(ys - fh + 1, 0, computed.shape[0]), np.clip(ys + 1, 0, computed.shape[0])
+    x0, x1 = np.clip(xs - fw + 1, 0, computed.shape[1]), np.clip(xs + 1, 0, computed.shape[1])
+    count = padded[y1][:, x1] - padded[y0][:, x1] - padded[y1][:, x0] + padded[y0][:, x0]
+    return count > 0
+
+
+def _trunk_band(fcn: FullyConvolutional, raster: Raster, preprocess, span_y: Span, plan: _TilePlan, cells_x, counter):
     """Trunk features of one row of tiles, stitched: ``(cells in span_y, cells_x, channels)``.
 
-    ``progress`` is ``(callback, tiles done before this row, total tiles)``; the callback is
-    told after each tile.
+    Tiles no kept window needs are neither read nor computed (their cells stay zero).
+    ``counter`` is ``[tiles done, total tiles to compute, progress callback]``.
     """
-    callback, done, total = progress
-    band = None
-    for span_x in spans_x:
-        interior = _trunk_tile(fcn, image, preprocess, span_y, span_x)
-        if band is None:
-            band = np.empty((span_y.cell_stop - span_y.cell_start, cells_x, interior.shape[-1]), np.float32)
-        band[:, span_x.cell_start : span_x.cell_stop] = interior
-        done += 1
-        report(callback, done, total)
+    channels = int(fcn.trunk.output.shape[-1])
+    band = np.zeros((span_y.cell_stop - span_y.cell_start, cells_x, channels), np.float32)
+    for span_x in plan.spans_x:
+        if not plan.wanted(span_y, span_x):
+            continue
+        band[:, span_x.cell_start : span_x.cell_stop] = _trunk_tile(fcn, raster, preprocess, span_y, span_x)
+        counter[0] += 1
+        report(counter[2], counter[0], counter[1])
     return band
 
 
-def _trunk_tile(fcn: FullyConvolutional, image, preprocess, span_y: Span, span_x: Span) -> np.ndarray:
+def _trunk_tile(fcn: FullyConvolutional, raster: Raster, preprocess, span_y: Span, span_x: Span) -> np.ndarray:
     """Trunk features of one tile's interior cells (its halo cells cut off)."""
-    crop = image[span_y.pixel_start : span_y.pixel_stop, span_x.pixel_start : span_x.pixel_stop]
+    crop = raster.read(span_y.pixel_start, span_y.pixel_stop, span_x.pixel_start, span_x.pixel_stop)
     features = keras.ops.convert_to_numpy(fcn.trunk(preprocess(crop)[None], training=False))[0]
+    del crop
     oy, ox = span_y.offset(fcn.stride[0]), span_x.offset(fcn.stride[1])
     return features[span_y.cell_start - oy : span_y.cell_stop - oy, span_x.cell_start - ox : span_x.cell_stop - ox]
 
@@ -179,14 +212,16 @@ class _HeadStream:
     """Runs the head on feature rows as they arrive, keeping only the rows still needed.
 
     ``scores[next_out:]`` are still to be computed; ``buffer`` holds feature rows
-    ``[buffer_start, buffer_start + len(buffer))``.
+    ``[buffer_start, buffer_start + len(buffer))``. With a ``computed`` grid the head runs
+    only on the column runs of each chunk that hold a computed cell; the rest stay NaN.
     """
 
-    def __init__(self, fcn: FullyConvolutional, scores: np.ndarray, head_rows: int, selection) -> None:
+    def __init__(self, fcn: FullyConvolutional, scores: np.ndarray, head_rows: int, selection, computed) -> None:
         self.fcn = fcn
         self.scores = scores
         self.head_rows = head_rows
         self.selection = selection
+        self.computed = computed
         self.buffer = None
         self.buffer_start = 0
         self.next_out = 0
@@ -198,9 +233,32 @@ class _HeadStream:
         available = self.buffer_start + self.buffer.shape[0]
         while self.next_out + fh <= available:
             stop = min(available - fh + 1, self.next_out + self.head_rows)
-            rows_in = self.buffer[self.next_out - self.buffer_start : stop - self.buffer_start + fh - 1]
-            out = self.fcn.apply_head(rows_in[None])
-            self.scores[self.next_out : stop] = out if self.selection is None else out[..., self.selection]
+            for c0, c1 in self._column_runs(self.next_out, stop):
+                rows_in = self.buffer[
+                    self.next_out - self.buffer_start : stop - self.buffer_start + fh - 1,
+                    c0 : c1 + self.fcn.feature_window[1] - 1,
+                ]
+                out = self.fcn.apply_head(rows_in[None])
+                self.scores[self.next_out : stop, c0:c1] = out if self.selection is None else out[..., self.selection]
             self.next_out = stop
         self.buffer = self.buffer[self.next_out - self.buffer_start :]
         self.buffer_start = self.next_out
+
+    @classmethod
+    def for_grid(cls, fcn: FullyConvolutional, shape, memory_budget_mb: float, selection, computed) -> _HeadStream:
+        """A stream filling a NaN grid of `shape`, the head run on as many rows as the budget allows."""
+        kept = int(fcn.head.output.shape[-1]) if selection is None else len(selection)
+        per_row = 4.0 * ACTIVATION_OVERHEAD * max(1, shape[1]) * fcn.head_width
+        head_rows = max(1, int(memory_budget_mb * 2**20 / per_row))
+        return cls(fcn, np.full((*shape, kept), np.nan, np.float32), head_rows, selection, computed)
+
+    def _column_runs(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """Output column ranges of rows [start, stop) to compute (all columns without a mask)."""
+        cols = self.scores.shape[1]
+        if self.computed is None:
+            return [(0, cols)]
+        wanted = np.flatnonzero(self.computed[start:stop].any(axis=0))
+        if wanted.size == 0:
+            return []
+        breaks = np.flatnonzero(np.diff(wanted) > self.fcn.feature_window[1]) + 1
+        return [(int(run[0]), int(run[-1]) + 1) for run in np.split(wanted, breaks)]

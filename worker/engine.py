@@ -6,33 +6,51 @@ queues or databases.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
-from shared.imageio import load_rgb
+from shared.analysis_raster import ArrayRaster, Raster, choose_resolution, open_raster
+from shared.image_sources import DEFAULT_MAX_REGION_PIXELS, ImageSource, open_image_source
 from shared.jobspec import JobParams
+from shared.tissue_mask import overview
 from worker.artifacts import write_heatmap, write_overlays, write_summary
 from worker.direct import direct_inference
-from worker.grid import ProgressFn, ScoreGrid
+from worker.grid import KeepFn, ProgressFn, ScoreGrid
+from worker.inference_plan import (
+    build_mask,
+    check_analysis_size,
+    check_grid_memory,
+    mask_summary,
+    source_summary,
+    window_keeper,
+)
 from worker.model_registry import LoadedModel, ModelRegistry
 from worker.tiled import tiled_inference
 
 
 def select_classes(grid: ScoreGrid, params: JobParams) -> ScoreGrid:
-    """Explicit classes as given; otherwise the top-k classes by their maximum score."""
+    """Explicit classes as given; otherwise the top-k classes by their maximum score
+    (over computed windows; masked windows are NaN)."""
     if params.class_indices is not None:
         return grid.select(params.class_indices)
-    best = grid.scores.reshape(-1, grid.scores.shape[2]).max(axis=0)
-    order = np.argsort(-best, kind="stable")[: params.top_k]
+    flat = grid.scores.reshape(-1, grid.scores.shape[2])
+    best = np.full(flat.shape[1], -np.inf) if not np.isfinite(flat).any() else np.nanmax(flat, axis=0)
+    order = np.argsort(-np.nan_to_num(best, nan=-np.inf), kind="stable")[: params.top_k]
     return grid.select(grid.class_indices[order])
 
 
 def compute_grid(
-    image: np.ndarray, params: JobParams, loaded: LoadedModel, progress: ProgressFn | None = None
+    image: np.ndarray | Raster,
+    params: JobParams,
+    loaded: LoadedModel,
+    progress: ProgressFn | None = None,
+    keep: KeepFn | None = None,
 ) -> ScoreGrid:
+    """Scores in analysis pixels; `image` is read tile by tile (or batch by batch)."""
     if params.mode == "direct":
         return direct_inference(
             loaded.fcn,
@@ -41,6 +59,7 @@ def compute_grid(
             memory_budget_mb=params.memory_budget_mb,
             class_indices=params.class_indices,
             progress=progress,
+            keep=keep,
         )
     return tiled_inference(
         loaded.classifier,
@@ -51,6 +70,7 @@ def compute_grid(
         batch_size=params.batch_size,
         class_indices=params.class_indices,
         progress=progress,
+        keep=keep,
     )
 
 
@@ -61,51 +81,71 @@ def run_inference(
     out_dir: str | Path,
     *,
     max_pixels: int,
+    max_region_pixels: int = DEFAULT_MAX_REGION_PIXELS,
+    mask_image: str | Path | None = None,
     progress: ProgressFn | None = None,
 ) -> dict:
     """Compute heatmaps for one image and write them to `out_dir`; returns the summary.
 
-    Raises ``shared.imageio.ImageError`` for bad images, ``shared.catalog.CatalogError``
+    `image_source` is a path, an fsspec URL or a binary stream; it is opened as an
+    ImageSource and read region by region. `mask_image` is an uploaded mask (params.mask
+    "image"). Raises ``shared.imageio.ImageError`` for bad images, ``shared.catalog.CatalogError``
     for unknown models, and whatever `progress` raises (e.g. a cancellation).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     loaded = registry.load(params.model)
-    model_seconds = time.perf_counter() - started
+    timings = {"model_load_s": time.perf_counter() - started}
+    with open_image_source(
+        image_source, max_pixels=max_pixels, max_region_pixels=max_region_pixels, min_size=loaded.window
+    ) as source:
+        grid, raster, mask, mask_mode = _compute(source, params, loaded, mask_image, max_pixels, progress, timings)
+        clock = time.perf_counter()
+        picture = raster.pixels if isinstance(raster, ArrayRaster) else overview(source, params.overlay_max_side)
+        info = source.info
 
-    clock = time.perf_counter()
-    image = load_rgb(image_source, max_pixels=max_pixels, min_size=loaded.window)
-    decode_seconds = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    grid = select_classes(compute_grid(image, params, loaded, progress), params)
-    inference_seconds = time.perf_counter() - clock
-
-    clock = time.perf_counter()
     names = [loaded.info.classes[int(i)] for i in grid.class_indices]
     write_heatmap(out_dir, grid, names, params.mode, loaded.name)
     overlays, overlay_shape = write_overlays(
-        out_dir, grid, image, max_side=params.overlay_max_side, weighting=params.weighting
+        out_dir,
+        grid.without_nan(),
+        picture,
+        max_side=params.overlay_max_side,
+        weighting=params.weighting,
+        image_size=(info.height, info.width),
     )
     summary = {
-        "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
+        "image": {"width": info.width, "height": info.height},
+        "source": source_summary(info, raster),
         "model": loaded.name,
         "mode": params.mode,
         "parameters": params.to_json(),
         "grid": _grid_summary(grid),
+        "mask": mask_summary(grid, mask, mask_mode, params.mask_min_fraction),
         "overlay_size": {"width": overlay_shape[1], "height": overlay_shape[0]},
         "classes": _class_summaries(grid, names, overlays),
-        "timings": {
-            "model_load_s": round(model_seconds, 4),
-            "decode_s": round(decode_seconds, 4),
-            "inference_s": round(inference_seconds, 4),
-            "write_s": round(time.perf_counter() - clock, 4),
-            "total_s": round(time.perf_counter() - started, 4),
-        },
     }
+    timings["write_s"] = time.perf_counter() - clock
+    timings["total_s"] = time.perf_counter() - started
+    summary["timings"] = {key: round(value, 4) for key, value in timings.items()}
     write_summary(out_dir, summary)
     return summary
+
+
+def _compute(source: ImageSource, params: JobParams, loaded: LoadedModel, mask_image, max_pixels, progress, timings):
+    """Resolution, mask and checks (``decode_s``), then the scores in level-0 coordinates."""
+    clock = time.perf_counter()
+    raster = open_raster(source, choose_resolution(source, params.level, params.mpp))
+    check_analysis_size(raster, loaded.window)
+    mask, mask_mode = build_mask(source, params, mask_image, max_pixels)
+    keep = None if mask is None else window_keeper(mask, raster.scale, params.mask_min_fraction)
+    check_grid_memory(raster, params, loaded)
+    timings["decode_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    grid = select_classes(compute_grid(raster, params, loaded, progress, keep), params).in_level0(raster.scale)
+    timings["inference_s"] = time.perf_counter() - clock
+    return grid, raster, mask, mask_mode
 
 
 def _grid_summary(grid: ScoreGrid) -> dict:
@@ -126,10 +166,16 @@ def _class_summaries(grid: ScoreGrid, names: list[str], overlays: list[str]) -> 
             {
                 "name": name,
                 "index": int(grid.class_indices[channel]),
-                "max": best,
-                "mean": float(grid.scores[:, :, channel].mean()),
-                "peak": {"x": x, "y": y},
+                "max": None if math.isnan(best) else best,
+                "mean": _nan_mean(grid.scores[:, :, channel]),
+                "peak": None if math.isnan(best) else {"x": x, "y": y},
                 "overlay": overlay,
             }
         )
     return classes
+
+
+def _nan_mean(plane: np.ndarray) -> float | None:
+    """Mean over computed windows (None when the mask left none)."""
+    finite = plane[np.isfinite(plane)]
+    return float(finite.mean()) if finite.size else None

@@ -29,7 +29,7 @@ from shared.imageio import ImageError
 from shared.job_status import JobStatus
 from shared.jobspec import JobParams
 from shared.settings import Settings
-from shared.storage import Storage, StorageError, artifact_keys, results_prefix, upload_prefix
+from shared.storage import Storage, StorageError, artifact_keys, mask_key, results_prefix, upload_prefix
 from worker.engine import run_inference
 from worker.model_registry import ModelRegistry, ModelUnavailableError
 
@@ -194,6 +194,14 @@ def _fail(context: WorkerContext, job_id: str, token: str, code: str, message: s
     log.info("job %s failed: %s: %s", job_id, code, message)
 
 
+def _input_path(context: WorkerContext, key: str, local: Path):
+    """A local path of a stored input (fetched to the scratch folder when storage is remote)."""
+    path = context.storage.local_path(key)
+    if path is None:
+        path = with_retries(context.settings, lambda: context.storage.fetch_to(key, local), "download")
+    return path
+
+
 def _compute_and_store(
     job_id: str,
     token: str,
@@ -205,9 +213,8 @@ def _compute_and_store(
 ) -> JobStatus:
     settings, storage = context.settings, context.storage
     params = JobParams.from_json(raw_params)
-    image_path = storage.local_path(image_key)
-    if image_path is None:
-        image_path = with_retries(settings, lambda: storage.fetch_to(image_key, workdir / "image"), "download")
+    image_path = params.image_url or _input_path(context, image_key, workdir / "image")
+    mask_path = _input_path(context, mask_key(job_id), workdir / "mask") if params.mask == "image" else None
     out_dir = workdir / "out"
     summary = run_inference(
         image_path,
@@ -215,6 +222,8 @@ def _compute_and_store(
         context.registry,
         out_dir,
         max_pixels=settings.max_image_pixels,
+        max_region_pixels=settings.max_region_pixels,
+        mask_image=mask_path,
         progress=heartbeat.progress,
     )
     heartbeat.progress(heartbeat.total, heartbeat.total)  # last chance to notice a cancel before storing
