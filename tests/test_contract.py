@@ -153,8 +153,8 @@ def test_the_form_schema_is_generated_from_the_form_fields_and_states_this_deplo
     body = spec["paths"]["/api/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     submit = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
     props = submit["properties"]
-    assert set(props) == {field.name for field in FORM_FIELDS} | {"image"}
-    assert submit["required"] == ["image"] and submit["additionalProperties"] is False
+    assert set(props) == {field.name for field in FORM_FIELDS} | {"image", "mask_image"}
+    assert "required" not in submit and submit["additionalProperties"] is False  # image or image_url
     assert props["image"]["format"] == "binary" and "at most 3 MB" in props["image"]["description"]
     assert props["top_k"]["maximum"] == 7 and props["batch_size"]["maximum"] == stack.settings.max_batch_size
     for field in FORM_FIELDS:
