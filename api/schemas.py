@@ -94,6 +94,10 @@ class ModelSchema(ma.Schema):
     output_stride = ma.fields.Integer(allow_none=True)
     preprocess = ma.fields.String(required=True)
     description = ma.fields.String()
+    available = ma.fields.Boolean(
+        required=True, metadata={"description": "whether it can run here; jobs for it are refused when false"}
+    )
+    reason = ma.fields.String(metadata={"description": "why it cannot run here (only when not available)"})
 
 
 class ModelProblemSchema(ma.Schema):

@@ -14,7 +14,10 @@ from shared.catalog import CatalogError, ModelInfo
 from shared.exceptions import InputError
 
 MODES = ("direct", "tiled")
-WEIGHTINGS = ("mean", "gaussian")
+# Overlay blending of overlapping windows (worker.blend); max keeps objects smaller than the
+# window visible (README, "Overlays").
+WEIGHTINGS = ("max", "mean", "gaussian")
+DEFAULT_WEIGHTING = "max"
 DEFAULT_TOP_K = 3
 DEFAULT_BATCH_SIZE = 32
 
@@ -39,7 +42,13 @@ FORM_FIELDS: tuple[FormField, ...] = (
     FormField("batch_size", "integer", "tiled mode: windows per forward call", default=DEFAULT_BATCH_SIZE, minimum=1),
     FormField("top_k", "integer", "keep the classes with the highest maxima", default=DEFAULT_TOP_K, minimum=1),
     FormField("classes", "string", "comma-separated class names or indices (instead of top_k)"),
-    FormField("weighting", "string", "blending of overlapping windows in the overlays", WEIGHTINGS, "mean"),
+    FormField(
+        "weighting",
+        "string",
+        "overlays: each pixel shows the max of the windows covering it, or their (gaussian-weighted) mean",
+        WEIGHTINGS,
+        DEFAULT_WEIGHTING,
+    ),
 )
 FORM_FIELD_NAMES = frozenset(field.name for field in FORM_FIELDS)
 
@@ -60,7 +69,7 @@ class JobParams:
     top_k: int | None = DEFAULT_TOP_K  # used when class_indices is None
     class_indices: tuple[int, ...] | None = None
     memory_budget_mb: int = 1024  # direct mode: bound for one tile's activations
-    weighting: str = "mean"  # blending of overlapping windows in the overlays
+    weighting: str = DEFAULT_WEIGHTING  # blending of overlapping windows in the overlays
     overlay_max_side: int = 1024
 
     def to_json(self) -> dict[str, Any]:
@@ -144,7 +153,7 @@ def validate_params(
     else:
         top_k = DEFAULT_TOP_K if top_k in (None, "") else _integer("top_k", top_k, 1, max_top_k)
         top_k = min(top_k, len(info.classes))
-    weighting = raw.get("weighting") or "mean"
+    weighting = raw.get("weighting") or DEFAULT_WEIGHTING
     if weighting not in WEIGHTINGS:
         raise ParameterError("invalid_parameter", f"weighting must be one of {', '.join(WEIGHTINGS)}")
     budget = raw.get("memory_budget_mb")

@@ -85,9 +85,8 @@ def run_inference(
     clock = time.perf_counter()
     names = [loaded.info.classes[int(i)] for i in grid.class_indices]
     write_heatmap(out_dir, grid, names, params.mode, loaded.name)
-    overlays, overlay_shape = write_overlays(
-        out_dir, grid, image, max_side=params.overlay_max_side, weighting=params.weighting
-    )
+    overlays = write_overlays(out_dir, grid, image, names, max_side=params.overlay_max_side, weighting=params.weighting)
+    overlay_shape = overlays.size
     summary = {
         "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
         "model": loaded.name,
@@ -95,7 +94,11 @@ def run_inference(
         "parameters": params.to_json(),
         "grid": _grid_summary(grid),
         "overlay_size": {"width": overlay_shape[1], "height": overlay_shape[0]},
-        "classes": _class_summaries(grid, names, overlays),
+        "overlay": overlays.legend,
+        "classes": [
+            entry | extra
+            for entry, extra in zip(_class_summaries(grid, names, overlays.files), overlays.classes, strict=True)
+        ],
         "timings": {
             "model_load_s": round(model_seconds, 4),
             "decode_s": round(decode_seconds, 4),
