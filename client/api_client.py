@@ -19,7 +19,6 @@ from requests_toolbelt import MultipartEncoder
 
 from shared.job_status import TERMINAL
 
-DEFAULT_SERVER = "http://127.0.0.1:8000"  # `make serve`'s default port
 API = "/api/v1"
 
 

@@ -20,12 +20,16 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from client.api_client import DEFAULT_SERVER, ClientError, HeatmapClient
 from client.report import print_job, print_jobs, print_models, print_result, save_results
 from shared.job_status import JobStatus
 from shared.jobspec import FORM_FIELDS
 
+if TYPE_CHECKING:
+    from client.api_client import HeatmapClient
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"  # `make serve`'s default port
 EXIT_OK, EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
@@ -92,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_infer(args)
     if args.command == "models" and not args.server:
         return _local_models(args)
+    from client.api_client import ClientError, HeatmapClient  # requests: only for the HTTP commands
+
     client = HeatmapClient(args.server, args.api_key)
     try:
         return _COMMANDS[args.command](client, args)

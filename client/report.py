@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from client.api_client import HeatmapClient
+if TYPE_CHECKING:
+    from client.api_client import HeatmapClient
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
