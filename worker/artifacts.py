@@ -216,7 +216,7 @@ def write_overlays(
         "colormap": COLORMAP_NAME,
         "weighting": weighting,
         "legend_height": LEGEND_HEIGHT if size[1] >= MIN_LEGEND_WIDTH else 0,
-        "scale": "each class from its own scale.low (darkest) to scale.high (brightest)",
+        "note": "each class is coloured from its own scale.low (darkest) to scale.high (brightest)",
     }
     return Overlays(files, size, legend_info, classes)
 
