@@ -198,6 +198,22 @@ class JobResource(MethodView):
         return "", 204
 
 
+@blp.route("/<string:job_id>/cancel", endpoint="cancel")
+class JobCancel(MethodView):
+    @blp.doc(operationId="cancelJob")
+    @blp.response(202, JobSchema, description="the job is canceled")
+    def post(self, job_id):
+        """Cancel a queued or running job. Unlike DELETE it never deletes: a job that already
+        ended answers 409 `job_finished` and keeps its results (`heatmap cancel` uses this)."""
+        with _db() as session:
+            job = _load_job(session, job_id)
+            if not job_store.cancel(session, job.id):
+                raise ApiError(409, "job_finished", f"the job is already {job.status}; nothing to cancel")
+            session.commit()
+            session.refresh(job)
+            return represent(job), 202
+
+
 def _artifact(job_id: str, pick):
     with _db() as session:
         job = _load_job(session, job_id)

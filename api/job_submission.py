@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from api.context import ApiContext
 from api.error_handlers import ApiError
 from shared import job_store, ratelimit
+from shared.catalog import require_available
 from shared.database import session_scope
 from shared.input_probe import probe_input
 from shared.job_status import JobStatus
@@ -78,6 +79,7 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
         return Submitted(earlier, created=False)
     settings = ctx.settings
     info = ctx.catalog().get(submission.form.get("model") or settings.default_model)
+    require_available(info, settings.vgg16_weights)  # 400 model_unavailable, not a job that would fail
     params = validate_params(
         submission.form,
         info,

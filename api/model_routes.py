@@ -8,6 +8,7 @@ from flask_smorest import Blueprint
 
 from api.auth import authenticate
 from api.schemas import ModelListSchema
+from shared.catalog import model_status
 
 blp = Blueprint("models", __name__, url_prefix="/api/v1/models", description="Models")
 blp.before_request(authenticate)
@@ -18,9 +19,11 @@ class Models(MethodView):
     @blp.doc(operationId="listModels")
     @blp.response(200, ModelListSchema)
     def get(self):
-        """Models you can name in a job: classes, native input size, output stride, preprocessing."""
-        catalog = current_app.extensions["heatmaps"].catalog()
+        """Models you can name in a job: classes, native input size, output stride, preprocessing,
+        and whether each can run here (`available`; `reason` when not: a job for it is refused)."""
+        ctx = current_app.extensions["heatmaps"]
+        catalog = ctx.catalog()
         return {
-            "models": [info.public() for info in catalog.models.values()],
+            "models": [model_status(info, ctx.settings.vgg16_weights) for info in catalog.models.values()],
             "problems": [{"file": name, "message": message} for name, message in sorted(catalog.problems.items())],
         }

@@ -155,6 +155,33 @@ class SummaryClassSchema(ma.Schema):
     mean = ma.fields.Float(required=True)
     peak = ma.fields.Nested(PeakSchema, required=True)
     overlay = ma.fields.String(required=True, metadata={"description": "overlay file name"})
+    scale = ma.fields.Nested(
+        "ColourScaleSchema", metadata={"description": "the overlay's colour range for this class, in score units"}
+    )
+    peaks = ma.fields.List(
+        ma.fields.Nested("ScoredPeakSchema"),
+        metadata={"description": "local maxima at least one window apart, in the top half of the range, best first"},
+    )
+
+
+class ColourScaleSchema(ma.Schema):
+    low = ma.fields.Float(required=True, metadata={"description": "score drawn darkest"})
+    high = ma.fields.Float(required=True, metadata={"description": "score drawn brightest"})
+
+
+class ScoredPeakSchema(ma.Schema):
+    x = ma.fields.Integer(required=True)
+    y = ma.fields.Integer(required=True)
+    score = ma.fields.Float(required=True)
+
+
+class OverlayLegendSchema(ma.Schema):
+    colormap = ma.fields.String(required=True)
+    weighting = ma.fields.String(required=True)
+    legend_height = ma.fields.Integer(
+        required=True, metadata={"description": "pixels of the legend strip under the map (0: none)"}
+    )
+    note = ma.fields.String()
 
 
 class SummarySchema(ma.Schema):
@@ -168,6 +195,7 @@ class SummarySchema(ma.Schema):
     overlay_size = ma.fields.Nested(SizeSchema, required=True)
     classes = ma.fields.List(ma.fields.Nested(SummaryClassSchema), required=True)
     timings = ma.fields.Nested(TimingsSchema, required=True)
+    overlay = ma.fields.Nested(OverlayLegendSchema, metadata={"description": "how the overlay PNGs are drawn"})
 
 
 class ModelSchema(ma.Schema):
@@ -178,6 +206,10 @@ class ModelSchema(ma.Schema):
     output_stride = ma.fields.Integer(allow_none=True)
     preprocess = ma.fields.String(required=True)
     description = ma.fields.String()
+    available = ma.fields.Boolean(
+        required=True, metadata={"description": "whether it can run here; jobs for it are refused when false"}
+    )
+    reason = ma.fields.String(metadata={"description": "why it cannot run here (only when not available)"})
 
 
 class ModelProblemSchema(ma.Schema):

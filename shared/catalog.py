@@ -10,12 +10,18 @@ user model, ``<name>.keras`` (or ``.h5``) beside it. The sidecar holds::
 
 Built-in entries (``models/`` in the repository) may instead name a ``kind`` that the
 worker knows how to build (``keras_applications_vgg16``).
+
+Whether a listed model can run here (``model_status``) is decided here too, from files only:
+the API refuses a job for a model whose weights are absent instead of accepting a job that
+would fail, and the worker resolves the VGG16 weights with the same function, so the two
+can never disagree about where the file is looked for.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -31,8 +37,20 @@ BUILTIN_KINDS = ("keras_applications_vgg16",)
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
+VGG16_WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
+VGG16_WEIGHTS_URL = (
+    "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5"
+)
+
+
 class CatalogError(InputError):
     """Unknown model or class, or an invalid sidecar."""
+
+
+class ModelUnavailableError(RuntimeError):
+    """A known model cannot be loaded on this machine (e.g. weights missing)."""
+
+    code = "model_unavailable"
 
 
 @dataclass(frozen=True)
@@ -141,6 +159,67 @@ def load_sidecar(sidecar: Path) -> ModelInfo:
         output_stride=meta.get("output_stride"),
         description=str(meta.get("description", "")),
     )
+
+
+def keras_cache_dir() -> Path:
+    """Keras' own cache folder (``KERAS_HOME``, else ``~/.keras``) + ``models``, as Keras
+    computes it, without importing Keras."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def _vgg16_candidates(explicit: Path | None) -> list[Path]:
+    candidates = [Path(explicit)] if explicit else []
+    candidates.append(keras_cache_dir() / VGG16_WEIGHTS_FILE)
+    return candidates
+
+
+def find_vgg16_weights(explicit: Path | None) -> Path | None:
+    """The VGG16 ImageNet weights file (the configured path, else Keras' cache), or None."""
+    return next((candidate for candidate in _vgg16_candidates(explicit) if candidate.is_file()), None)
+
+
+def resolve_vgg16_weights(explicit: Path | None) -> Path:
+    """Like `find_vgg16_weights`, but raises `ModelUnavailableError` saying where to put the
+    file (with the paths looked at: for the worker's log and the local CLI, not the API)."""
+    found = find_vgg16_weights(explicit)
+    if found is not None:
+        return found
+    candidates = _vgg16_candidates(explicit)
+    raise ModelUnavailableError(
+        "VGG16 ImageNet weights are not available on this machine (it cannot download them). "
+        f"Fetch {VGG16_WEIGHTS_URL} (528 MB) elsewhere and either put it at "
+        f"{keras_cache_dir() / VGG16_WEIGHTS_FILE} or set VGG16_WEIGHTS=/path/to/{VGG16_WEIGHTS_FILE}. "
+        f"Looked in: {', '.join(str(c) for c in candidates)}"
+    )
+
+
+def unavailable_reason(info: ModelInfo, vgg16_weights: Path | None) -> str | None:
+    """Why `info` cannot run here (None when it can): a file check, no Keras. The reason
+    names no server path (the API shows it to clients)."""
+    if info.kind == "keras_applications_vgg16" and find_vgg16_weights(vgg16_weights) is None:
+        return (
+            f"VGG16 ImageNet weights are absent: fetch {VGG16_WEIGHTS_FILE} (528 MB) from {VGG16_WEIGHTS_URL} "
+            "and set VGG16_WEIGHTS to its path or put it in Keras' cache (~/.keras/models)"
+        )
+    if info.kind == "keras_file" and (info.path is None or not info.path.is_file()):
+        return f"the model file of {info.name!r} is gone from the model folder"
+    return None
+
+
+def model_status(info: ModelInfo, vgg16_weights: Path | None) -> dict:
+    """`ModelInfo.public()` plus ``available`` and, when not, ``reason``."""
+    reason = unavailable_reason(info, vgg16_weights)
+    status = {**info.public(), "available": reason is None}
+    if reason is not None:
+        status["reason"] = reason
+    return status
+
+
+def require_available(info: ModelInfo, vgg16_weights: Path | None) -> None:
+    """Raise CatalogError("model_unavailable") (a 400 in the API) for a model that cannot run."""
+    reason = unavailable_reason(info, vgg16_weights)
+    if reason is not None:
+        raise CatalogError("model_unavailable", f"model {info.name!r} cannot run here: {reason}")
 
 
 _reported: set[tuple[str, str]] = set()

@@ -15,8 +15,11 @@ from shared.catalog import CatalogError, ModelInfo
 from shared.exceptions import InputError
 
 MODES = ("direct", "tiled")
-WEIGHTINGS = ("mean", "gaussian")
-#: mask modes; "image" means a mask picture was sent (the `mask` file field, or a path on the CLI)
+# Overlay blending of overlapping windows (worker.blend); max keeps objects smaller than the
+# window visible (README, "Overlays").
+WEIGHTINGS = ("max", "mean", "gaussian")
+DEFAULT_WEIGHTING = "max"
+#: mask modes; "image" means a mask picture was sent (the `mask_image` file field, or a path on the CLI)
 MASKS = ("none", "auto", "image")
 MAX_LEVEL = 63
 DEFAULT_TOP_K = 3
@@ -61,7 +64,13 @@ FORM_FIELDS: tuple[FormField, ...] = (
         maximum_setting="max_top_k",
     ),
     FormField("classes", "string", "comma-separated class names or indices (instead of top_k)", max_length=16384),
-    FormField("weighting", "string", "blending of overlapping windows in the overlays", WEIGHTINGS, "mean"),
+    FormField(
+        "weighting",
+        "string",
+        "overlays: each pixel shows the max of the windows covering it, or their (gaussian-weighted) mean",
+        WEIGHTINGS,
+        DEFAULT_WEIGHTING,
+    ),
     FormField("level", "integer", "pyramid level to analyse (0 = full resolution); instead of mpp", minimum=0),
     FormField("mpp", "string", "target microns per pixel: the nearest finer level, resampled; instead of level"),
     FormField(
@@ -91,7 +100,7 @@ class JobParams:
     top_k: int | None = DEFAULT_TOP_K  # used when class_indices is None
     class_indices: tuple[int, ...] | None = None
     memory_budget_mb: int = 1024  # direct mode: bound for one tile's activations
-    weighting: str = "mean"  # blending of overlapping windows in the overlays
+    weighting: str = DEFAULT_WEIGHTING  # blending of overlapping windows in the overlays
     overlay_max_side: int = 1024
     level: int | None = None  # pyramid level analysed (None: level 0, or the one mpp picks)
     mpp: float | None = None  # target microns per pixel
@@ -172,7 +181,7 @@ def validate_params(
     else:
         top_k = DEFAULT_TOP_K if top_k in (None, "") else _integer("top_k", top_k, 1, max_top_k)
         top_k = min(top_k, len(info.classes))
-    weighting = raw.get("weighting") or "mean"
+    weighting = raw.get("weighting") or DEFAULT_WEIGHTING
     if weighting not in WEIGHTINGS:
         raise ParameterError("invalid_parameter", f"weighting must be one of {', '.join(WEIGHTINGS)}")
     budget = raw.get("memory_budget_mb")

@@ -262,8 +262,12 @@ def test_argparse_rejects_non_numeric(files, tmp_path, main, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_models_command_lists_vgg16(main, capsys):
-    assert main(["models"]) == 0
-    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+def test_models_command_lists_vgg16(main, capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("HEATMAP_SERVER", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty-keras-home"))
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["models"]
     vgg = next(m for m in listed if m["name"] == "vgg16")
     assert vgg["num_classes"] == 1000 and vgg["preprocess"] == "caffe"
+    assert vgg["available"] is False and "VGG16_WEIGHTS" in vgg["reason"]
+    assert next(m for m in listed if m["name"] == "shapes")["available"] is True

@@ -10,7 +10,7 @@ from pathlib import Path
 from shared.job_status import JobStatus
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICE_PACKAGES = ("api", "shared", "worker")
+SERVICE_PACKAGES = ("api", "shared", "worker", "client")
 MAX_FUNCTION_LINES = 60
 
 

@@ -36,7 +36,8 @@ def test_submit_poll_download_matches_engine(service, tmp_path):
     overlay = client.get(result["classes"][0]["overlay_url"])
     assert overlay.status_code == 200 and overlay.mimetype == "image/png"
     png = Image.open(io.BytesIO(overlay.data))
-    assert png.size == (summary["overlay_size"]["width"], summary["overlay_size"]["height"])
+    legend = summary["overlay"]["legend_height"]  # the legend strip under the map
+    assert png.size == (summary["overlay_size"]["width"], summary["overlay_size"]["height"] + legend)
 
     # The same engine run in this process gives the same numbers.
     from shared.jobspec import JobParams

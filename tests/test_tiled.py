@@ -248,7 +248,7 @@ def test_mean_blend_combines_overlaps_instead_of_overwriting():
     grid = ScoreGrid(
         np.array([[[0.0], [1.0]]], np.float32), np.array([0]), np.array([0, 4]), (4, 8), (4, 4), np.array([0])
     )
-    out = blend(grid, (4, 12), (4, 12))[0, :, 0]
+    out = blend(grid, (4, 12), (4, 12), weighting="mean")[0, :, 0]
     np.testing.assert_allclose(out, [0, 0, 0, 0, 0.5, 0.5, 0.5, 0.5, 1, 1, 1, 1])
 
 
@@ -256,7 +256,7 @@ def test_uncovered_border_strip_takes_nearest_window():
     # Direct-mode grid: windows at 0 and 4 (size 8) on a 15-pixel axis leave pixels 12..14.
     scores = np.array([[[1.0]], [[3.0]]], np.float32)
     grid = ScoreGrid(scores, np.array([0, 4]), np.array([0]), (8, 8), (4, 4), np.array([0]))
-    out = blend(grid, (15, 8), (15, 8))[:, 0, 0]
+    out = blend(grid, (15, 8), (15, 8), weighting="mean")[:, 0, 0]
     np.testing.assert_allclose(out[:4], 1.0)
     np.testing.assert_allclose(out[4:8], 2.0)
     np.testing.assert_allclose(out[8:], 3.0)
@@ -292,7 +292,7 @@ def test_blend_rejects_unknown_weighting():
 def test_tiled_grid_blend_end_to_end(classifier):
     image = random_image(70, 61, seed=7)
     grid = tiled_inference(classifier, image, TF, window=WINDOW, stride=(13, 11))
-    out = blend(grid, (70, 61), (35, 31))
+    out = blend(grid, (70, 61), (35, 31), weighting="mean")
     expected, count = brute_force_blend(grid, (70, 61), (35, 31))
     assert count.min() >= 1
     np.testing.assert_allclose(out, expected / count[:, :, None], atol=1e-4)

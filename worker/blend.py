@@ -1,16 +1,33 @@
-"""Per-pixel maps from a score grid, at a chosen (usually reduced) resolution.
+"""Per-pixel maps from a score grid, at a chosen (usually reduced) resolution, and the heat
+that the overlays draw (and the viewer's heat layer shows): each class's map scaled to its
+own score range, plus its peaks.
 
-Each window spreads its score over the pixels it covers; where windows overlap the scores
-are averaged (``"mean"``) or weighted by a gaussian centred on each window (``"gaussian"``,
-as MONAI's sliding-window inference does), so overlapping windows combine instead of
-overwriting each other. Window weights are separable, which turns the blend into two small
-matrix products: ``(A_y @ S @ A_x^T) / (A_y @ 1 @ A_x^T)``. Memory is O(canvas x classes).
+Each window spreads its score over the pixels it covers; where windows overlap they combine
+instead of overwriting each other:
+
+* ``"max"`` (default): a pixel shows the best score of the windows covering it. An object
+  smaller than the window is seen by the few windows centred on it; a mean over all
+  covering windows divides their score by the ~16 windows around it (window 64, stride 16)
+  and the object fades into the background, the max keeps it at its full score over one
+  window's footprint. The colour bar then reads in the classifier's own units.
+* ``"mean"``: the plain average of the covering windows (a smooth map, diluted peaks).
+* ``"gaussian"``: the average weighted by a gaussian centred on each window (as MONAI's
+  sliding-window inference does): close to the score of the nearest window centre.
+
+The weights are separable, so the averages are two small matrix products
+``(A_y @ S @ A_x^T) / (A_y @ V @ A_x^T)`` (V: which cells hold a score) and the max is two
+running maxima along the axes. Cells without a score (NaN, e.g. skipped by a mask) are left
+out. Memory is O(canvas x classes).
 """
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
 
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from shared.jobspec import DEFAULT_WEIGHTING, WEIGHTINGS
 from worker.grid import ScoreGrid
 
 
@@ -24,10 +41,10 @@ def _axis_weights(
     if weighting == "gaussian":
         sigma = max(sigma_scale * window, 1e-6)
         weights = np.exp(-0.5 * ((offset - window / 2) / sigma) ** 2) * inside
-    elif weighting == "mean":
+    elif weighting in WEIGHTINGS:
         weights = inside.astype(np.float64)
     else:
-        raise ValueError("weighting must be 'mean' or 'gaussian'")
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}")
     # Pixels no window covers (direct mode leaves a strip narrower than the stride at the
     # far border) take the nearest window's score.
     empty = ~inside.any(axis=1)
@@ -37,26 +54,143 @@ def _axis_weights(
     return weights
 
 
+def _running_max(covers: np.ndarray, values: np.ndarray, axis: int) -> np.ndarray:
+    """Max of `values` along `axis` over the windows covering each canvas pixel.
+
+    `covers` is (canvas, windows) boolean; the windows covering one pixel are consecutive
+    (origins ascend), so K steps of "first covering window + k" visit them all.
+    """
+    first = covers.argmax(axis=1)
+    count = int(covers.sum(axis=1).max())
+    last = covers.shape[1] - 1
+    pixels = np.arange(covers.shape[0])
+    shape = [1] * values.ndim
+    shape[axis] = covers.shape[0]
+    out = np.full(values.shape[:axis] + (covers.shape[0],) + values.shape[axis + 1 :], np.nan, values.dtype)
+    for k in range(count):
+        index = np.minimum(first + k, last)
+        valid = covers[pixels, index].reshape(shape)
+        out = np.fmax(out, np.where(valid, np.take(values, index, axis=axis), np.nan))  # fmax: NaN = no score
+    return out
+
+
 def blend(
     grid: ScoreGrid,
     image_size: tuple[int, int],
     canvas_size: tuple[int, int],
     *,
-    weighting: str = "mean",
+    weighting: str = DEFAULT_WEIGHTING,
     sigma_scale: float = 0.125,
 ) -> np.ndarray:
-    """Blend the grid into a ``(canvas_h, canvas_w, classes)`` float32 map.
+    """Blend the grid into a ``(canvas_h, canvas_w, classes)`` float32 map (NaN where no
+    covering window has a score).
 
     Args:
         grid: window scores.
         image_size: ``(H, W)`` of the image the grid was computed on.
         canvas_size: ``(h, w)`` of the output map (e.g. the overlay size).
-        weighting: ``"mean"`` or ``"gaussian"``.
+        weighting: ``"max"``, ``"mean"`` or ``"gaussian"``.
         sigma_scale: gaussian sigma as a fraction of the window side (MONAI's default).
     """
     ay = _axis_weights(grid.rows, grid.window[0], image_size[0], canvas_size[0], weighting, sigma_scale)
     ax = _axis_weights(grid.cols, grid.window[1], image_size[1], canvas_size[1], weighting, sigma_scale)
     scores = grid.scores.astype(np.float64)
-    numerator = np.einsum("yi,ijk,xj->yxk", ay, scores, ax, optimize=True)
-    denominator = np.outer(ay.sum(axis=1), ax.sum(axis=1))  # separable weights
-    return (numerator / np.maximum(denominator, 1e-12)[:, :, None]).astype(np.float32)
+    if weighting == "max":
+        return _running_max(ax > 0, _running_max(ay > 0, scores, 0), 1).astype(np.float32)
+    valid = ~np.isnan(scores)
+    numerator = np.einsum("yi,ijk,xj->yxk", ay, np.where(valid, scores, 0.0), ax, optimize=True)
+    if valid.all():
+        denominator = np.outer(ay.sum(axis=1), ax.sum(axis=1))[:, :, None]  # separable weights
+    else:
+        denominator = np.einsum("yi,ijk,xj->yxk", ay, valid.astype(np.float64), ax, optimize=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(denominator > 1e-12, numerator / np.maximum(denominator, 1e-12), np.nan)
+    return out.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ClassHeat:
+    """What a person sees: each class's blended map scaled to its own score range.
+
+    ``values[..., c]`` is 0 at ``low[c]`` and 1 at ``high[c]`` (NaN where no window has a
+    score); the legend of an overlay states ``low``/``high`` in score units.
+    """
+
+    values: np.ndarray  # (h, w, classes) float32
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    weighting: str
+
+
+def class_heat(
+    grid: ScoreGrid,
+    image_size: tuple[int, int],
+    canvas_size: tuple[int, int],
+    *,
+    weighting: str = DEFAULT_WEIGHTING,
+    ranges: list[tuple[float, float]] | None = None,
+) -> ClassHeat:
+    """Blend, then scale each class to its own range: the map's min..max on this canvas, or
+    `ranges` (e.g. the overlay's, from summary.json) so that a viewer's tiles drawn at
+    another resolution use the same colours as the overlay."""
+    maps = blend(grid, image_size, canvas_size, weighting=weighting)
+    values = np.empty_like(maps)
+    lows, highs = [], []
+    for channel in range(maps.shape[2]):
+        plane = maps[:, :, channel]
+        if ranges is not None:
+            low, high = (float(v) for v in ranges[channel])
+        elif np.isnan(plane).all():
+            low = high = 0.0
+        else:
+            low, high = float(np.nanmin(plane)), float(np.nanmax(plane))
+        span = high - low
+        values[:, :, channel] = (
+            np.clip((plane - low) / span, 0.0, 1.0) if span > 0 else np.where(np.isnan(plane), plane, 0)
+        )
+        lows.append(low)
+        highs.append(high)
+    return ClassHeat(values, tuple(lows), tuple(highs), weighting)
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A local maximum of one class's score grid: the centre of its window, in image pixels."""
+
+    x: int
+    y: int
+    score: float
+
+
+def class_peaks(grid: ScoreGrid, channel: int, *, min_fraction: float = 0.5, limit: int = 20) -> list[Peak]:
+    """The strongest local maxima of one class, best first, at least one window apart.
+
+    A cell is a peak when no cell within one window (``window / stride`` cells each way)
+    scores higher, and its score is in the top half (`min_fraction`) of the class's range:
+    on a scene each object of the class gets its own marker, the noise floor none.
+    """
+    plane = np.where(np.isnan(grid.scores[:, :, channel]), -np.inf, grid.scores[:, :, channel]).astype(np.float64)
+    if not np.isfinite(plane).any():
+        return []
+    reach = [max(1, int(w) // max(1, int(s))) for w, s in zip(grid.window, grid.stride, strict=True)]
+    padded = np.pad(plane, [(reach[0], reach[0]), (reach[1], reach[1])], constant_values=-np.inf)
+    local = sliding_window_view(padded, 2 * reach[0] + 1, axis=0).max(axis=-1)
+    local = sliding_window_view(local, 2 * reach[1] + 1, axis=1).max(axis=-1)
+    finite = plane[np.isfinite(plane)]
+    threshold = finite.min() + min_fraction * (finite.max() - finite.min())
+    candidates = np.argwhere((plane >= local) & (plane >= threshold) & np.isfinite(plane))
+    order = np.argsort(-plane[candidates[:, 0], candidates[:, 1]], kind="stable")
+    kept: list[tuple[int, int]] = []
+    for i, j in candidates[order]:
+        if all(abs(i - a) > reach[0] or abs(j - b) > reach[1] for a, b in kept):  # plateaus: one marker
+            kept.append((int(i), int(j)))
+            if len(kept) == limit:
+                break
+    return [
+        Peak(
+            x=int(grid.cols[j]) + grid.window[1] // 2,
+            y=int(grid.rows[i]) + grid.window[0] // 2,
+            score=float(plane[i, j]),
+        )
+        for i, j in kept
+    ]

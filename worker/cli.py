@@ -1,11 +1,12 @@
-"""``heatmap`` command line: the engine without the service, on the same code path.
+"""``heatmap infer``: the engine without the service, on the same code path as the worker.
 
     heatmap infer IMAGE --model NAME_OR_PATH --mode direct|tiled [--stride N]
             [--batch-size N] [--top-k K | --classes a,b] [--memory-budget-mb M] --out DIR
-    heatmap models
 
-A progress bar (tiles or window batches done) is drawn on a terminal and nothing when the
-output is not a TTY.
+The ``heatmap`` program itself (its parser and the HTTP commands) is ``client.commands``,
+which starts without TensorFlow; this module is imported for ``infer`` only. A progress bar
+(tiles or window batches done) is drawn on a terminal and nothing when the output is not a
+TTY. ``python -m worker.cli ...`` runs the same program.
 """
 
 from __future__ import annotations
@@ -22,41 +23,18 @@ from shared.jobspec import FORM_FIELDS, validate_params
 from shared.settings import get_settings
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="heatmap", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    infer = commands.add_parser("infer", help="compute heatmaps for one image")
-    infer.add_argument("image", nargs="?", help="image file (or give --image-url)")
-    exclusive = infer.add_mutually_exclusive_group()  # top_k or classes
-    for field in FORM_FIELDS:
-        target = exclusive if field.name in ("top_k", "classes") else infer
-        help_text = field.description
-        if field.name == "model":
-            help_text = "catalogue name or path to a .keras/.h5 file with its sidecar"
-        target.add_argument(
-            "--" + field.name.replace("_", "-"),
-            type=int if field.type == "integer" else str,
-            choices=field.choices,
-            default=None,
-            help=help_text,
-        )
-    infer.add_argument("--memory-budget-mb", type=int, default=None, help="direct mode: bound for one tile")
-    infer.add_argument("--out", required=True, help="output folder")
-    commands.add_parser("models", help="list the models in the catalogue")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    settings = get_settings()
+    from client.commands import main as heatmap_main
+
+    return heatmap_main(argv)
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    """`heatmap infer` with its parsed flags (client.commands builds the parser)."""
     from worker.model_registry import ModelRegistry  # loads Keras: after parsing
 
-    registry = ModelRegistry(settings.model_dirs, settings.vgg16_weights)
-    if args.command == "models":
-        for info in registry.catalog.models.values():
-            print(json.dumps(info.public()))
-        return 0
-    return _infer(args, settings, registry)
+    settings = get_settings()
+    return _infer(args, settings, ModelRegistry(settings.model_dirs, settings.vgg16_weights))
 
 
 class _ProgressBar:

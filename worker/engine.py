@@ -107,14 +107,16 @@ def run_inference(
 
     names = [loaded.info.classes[int(i)] for i in grid.class_indices]
     write_heatmap(out_dir, grid, names, params.mode, loaded.name)
-    overlays, overlay_shape = write_overlays(
+    overlays = write_overlays(
         out_dir,
         grid.without_nan(),
         picture,
+        names,
         max_side=params.overlay_max_side,
         weighting=params.weighting,
         image_size=(info.height, info.width),
     )
+    overlay_shape = overlays.size
     summary = {
         "image": {"width": info.width, "height": info.height},
         "source": source_summary(info, raster),
@@ -124,7 +126,11 @@ def run_inference(
         "grid": _grid_summary(grid),
         "mask": mask_summary(grid, mask, mask_mode, params.mask_min_fraction),
         "overlay_size": {"width": overlay_shape[1], "height": overlay_shape[0]},
-        "classes": _class_summaries(grid, names, overlays),
+        "overlay": overlays.legend,
+        "classes": [
+            entry | extra
+            for entry, extra in zip(_class_summaries(grid, names, overlays.files), overlays.classes, strict=True)
+        ],
     }
     timings["write_s"] = time.perf_counter() - clock
     timings["total_s"] = time.perf_counter() - started

@@ -3,13 +3,13 @@
 Models are found through the catalogue (``shared.catalog``); this module turns a catalogue
 entry into a Keras classifier, its fully convolutional form (converted once, lazily) and
 its preprocessing function. VGG16's ImageNet weights are never downloaded at run time: they
-are resolved from ``VGG16_WEIGHTS`` or Keras' cache, and a clear error says how to provide
-them when absent.
+are resolved from ``VGG16_WEIGHTS`` or Keras' cache (``shared.catalog.resolve_vgg16_weights``,
+the same lookup the API uses to say whether the model is available), and a clear error says
+how to provide them when absent.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,39 +18,17 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from shared.catalog import CatalogError, ModelCatalog, ModelInfo, load_sidecar
+from shared.catalog import (  # noqa: F401 (re-exported: the worker's names for them)
+    VGG16_WEIGHTS_FILE,
+    CatalogError,
+    ModelCatalog,
+    ModelInfo,
+    ModelUnavailableError,
+    load_sidecar,
+    resolve_vgg16_weights,
+)
 from worker.fcn import FullyConvolutional, to_fully_convolutional
 from worker.preprocess import get_preprocess
-
-VGG16_WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
-VGG16_WEIGHTS_URL = (
-    "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5"
-)
-
-
-class ModelUnavailableError(RuntimeError):
-    """A known model cannot be loaded on this machine (e.g. weights missing)."""
-
-    code = "model_unavailable"
-
-
-def keras_cache_dir() -> Path:
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
-
-
-def resolve_vgg16_weights(explicit: Path | None) -> Path:
-    """The VGG16 ImageNet weights file: the configured path, else Keras' cache."""
-    candidates = [Path(explicit)] if explicit else []
-    candidates.append(keras_cache_dir() / VGG16_WEIGHTS_FILE)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise ModelUnavailableError(
-        "VGG16 ImageNet weights are not available on this machine (it cannot download them). "
-        f"Fetch {VGG16_WEIGHTS_URL} (528 MB) elsewhere and either put it at "
-        f"{keras_cache_dir() / VGG16_WEIGHTS_FILE} or set VGG16_WEIGHTS=/path/to/{VGG16_WEIGHTS_FILE}. "
-        f"Looked in: {', '.join(str(c) for c in candidates)}"
-    )
 
 
 @dataclass
