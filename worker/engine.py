@@ -105,6 +105,25 @@ def run_inference(
         picture = raster.pixels if isinstance(raster, ArrayRaster) else overview(source, params.overlay_max_side)
         info = source.info
 
+    summary = {
+        "image": {"width": info.width, "height": info.height},
+        "source": source_summary(info, raster),
+        "model": loaded.name,
+        "mode": params.mode,
+        "parameters": params.to_json(),
+        "grid": _grid_summary(grid),
+        "mask": mask_summary(grid, mask, mask_mode, params.mask_min_fraction),
+    }
+    summary |= _write_outputs(out_dir, grid, picture, info, params, loaded)
+    timings["write_s"] = time.perf_counter() - clock
+    timings["total_s"] = time.perf_counter() - started
+    summary["timings"] = {key: round(value, 4) for key, value in timings.items()}
+    write_summary(out_dir, summary)
+    return summary
+
+
+def _write_outputs(out_dir: Path, grid: ScoreGrid, picture, info, params: JobParams, loaded: LoadedModel) -> dict:
+    """Every artifact but summary.json; returns what the summary says about them."""
     names = [loaded.info.classes[int(i)] for i in grid.class_indices]
     write_heatmap(out_dir, grid, names, params.mode, loaded.name)
     overlays = write_overlays(
@@ -116,27 +135,14 @@ def run_inference(
         weighting=params.weighting,
         image_size=(info.height, info.width),
     )
-    overlay_shape = overlays.size
-    summary = {
-        "image": {"width": info.width, "height": info.height},
-        "source": source_summary(info, raster),
-        "model": loaded.name,
-        "mode": params.mode,
-        "parameters": params.to_json(),
-        "grid": _grid_summary(grid),
-        "mask": mask_summary(grid, mask, mask_mode, params.mask_min_fraction),
-        "overlay_size": {"width": overlay_shape[1], "height": overlay_shape[0]},
+    return {
+        "overlay_size": {"width": overlays.size[1], "height": overlays.size[0]},
         "overlay": overlays.legend,
         "classes": [
             entry | extra
             for entry, extra in zip(_class_summaries(grid, names, overlays.files), overlays.classes, strict=True)
         ],
     }
-    timings["write_s"] = time.perf_counter() - clock
-    timings["total_s"] = time.perf_counter() - started
-    summary["timings"] = {key: round(value, 4) for key, value in timings.items()}
-    write_summary(out_dir, summary)
-    return summary
 
 
 def _compute(source: ImageSource, params: JobParams, loaded: LoadedModel, mask_image, max_pixels, progress, timings):
