@@ -14,7 +14,9 @@ import numpy as np
 
 from shared.imageio import load_rgb
 from shared.jobspec import JobParams
+from shared.storage import VIEWER_DIR
 from worker.artifacts import write_heatmap, write_overlays, write_summary
+from worker.deepzoom import array_region_reader, write_viewer
 from worker.direct import direct_inference
 from worker.grid import ProgressFn, ScoreGrid
 from worker.model_registry import LoadedModel, ModelRegistry
@@ -88,6 +90,8 @@ def run_inference(
     overlays, overlay_shape = write_overlays(
         out_dir, grid, image, max_side=params.overlay_max_side, weighting=params.weighting
     )
+    size = (int(image.shape[1]), int(image.shape[0]))
+    write_viewer(out_dir / VIEWER_DIR, array_region_reader(image), size, grid, names, params.weighting)
     summary = {
         "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
         "model": loaded.name,
