@@ -48,8 +48,7 @@ def page_config() -> dict:
         "default_model": settings.default_model,
         "statuses": [status.value for status in JobStatus],
         "active_statuses": sorted(status.value for status in ACTIVE),
-        "succeeded": JobStatus.succeeded.value,
-        "failed": JobStatus.failed.value,
+        "status_succeeded": JobStatus.succeeded.value,
     }
 
 

@@ -22,6 +22,7 @@ from conftest import KEYS, Stack, make_database, png_bytes
 from PIL import Image
 
 from shared.embedded_redis import free_port
+from shared.job_status import TERMINAL, JobStatus
 from shared.settings import REPO_ROOT
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
@@ -155,10 +156,10 @@ def _watch_progress(page) -> list[str]:
         text = page.inner_text("#job-progress-text")
         if not seen or seen[-1] != text:
             seen.append(text)
-        if page.inner_text("#job-status") in ("succeeded", "failed", "canceled"):
+        if page.inner_text("#job-status") in TERMINAL:
             break
         time.sleep(0.1)
-    assert page.inner_text("#job-status") == "succeeded", (seen, page.inner_text("#job-status-panel"))
+    assert page.inner_text("#job-status") == JobStatus.succeeded, (seen, page.inner_text("#job-status-panel"))
     return seen
 
 
@@ -274,9 +275,9 @@ def test_submit_follow_and_view_the_heat(page, web_stack, tmp_path):
     # The jobs page lists it; the status filter works.
     page.goto("/jobs")
     page.wait_for_selector(f"a[href='/jobs/{job_id}']")
-    page.select_option("#status-filter", "failed")
+    page.select_option("#status-filter", JobStatus.failed.value)
     page.wait_for_selector(f"a[href='/jobs/{job_id}']", state="detached")
-    page.select_option("#status-filter", "succeeded")
+    page.select_option("#status-filter", JobStatus.succeeded.value)
     page.wait_for_selector(f"a[href='/jobs/{job_id}']")
     page.screenshot(path=ARTIFACTS / "jobs.png", full_page=True)
 
@@ -307,8 +308,8 @@ def test_cancel_and_delete_buttons(page, web_stack):
     _enter_key(page, KEYS["alice"])
     page.wait_for_selector("#cancel-job:not([hidden])")
     page.click("#cancel-job")
-    page.wait_for_selector("#job-status.status-canceled", timeout=60_000)
-    assert web_stack.job_row(slow.json["id"]).status == "canceled"
+    page.wait_for_selector(f"#job-status.status-{JobStatus.canceled}", timeout=60_000)
+    assert web_stack.job_row(slow.json["id"]).status == JobStatus.canceled
     response = web_stack.submit(client, png_bytes(np.full((96, 96, 3), 90, np.uint8)), model="shapes")
     job_id = response.json["id"]
     web_stack.wait_for(client, job_id)

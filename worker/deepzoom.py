@@ -85,7 +85,7 @@ def _coarser_level(folder: Path, name: str, level: int, size: tuple[int, int], f
                     if source.is_file():
                         with Image.open(source) as finer:
                             canvas.paste(finer.convert(mode), (dx * TILE_SIZE, dy * TILE_SIZE))
-            tile = canvas.resize((math.ceil(span_w / 2), math.ceil(span_h / 2)), Image.Resampling.BOX)
+            tile = canvas.reduce(2)  # exact 2x2 means; a last odd row/column averages what it has
             _save_tile(folder / dzi_tile_name(name, level, col, row, fmt), tile, fmt)
     return width, height
 

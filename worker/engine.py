@@ -64,8 +64,10 @@ def run_inference(
     *,
     max_pixels: int,
     progress: ProgressFn | None = None,
+    viewer: bool = False,
 ) -> dict:
     """Compute heatmaps for one image and write them to `out_dir`; returns the summary.
+    `viewer`: also write the web viewer's Deep Zoom pyramids (`viewer/`; the service does).
 
     Raises ``shared.imageio.ImageError`` for bad images, ``shared.catalog.CatalogError``
     for unknown models, and whatever `progress` raises (e.g. a cancellation).
@@ -90,8 +92,9 @@ def run_inference(
     overlays, overlay_shape = write_overlays(
         out_dir, grid, image, max_side=params.overlay_max_side, weighting=params.weighting
     )
-    size = (int(image.shape[1]), int(image.shape[0]))
-    write_viewer(out_dir / VIEWER_DIR, array_region_reader(image), size, grid, names, params.weighting)
+    if viewer:
+        size = (int(image.shape[1]), int(image.shape[0]))
+        write_viewer(out_dir / VIEWER_DIR, array_region_reader(image), size, grid, names, params.weighting)
     summary = {
         "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
         "model": loaded.name,

@@ -216,6 +216,7 @@ def _compute_and_store(
         out_dir,
         max_pixels=settings.max_image_pixels,
         progress=heartbeat.progress,
+        viewer=True,
     )
     heartbeat.progress(heartbeat.total, heartbeat.total)  # last chance to notice a cancel before storing
 

@@ -293,7 +293,7 @@
     for (;;) {
       const job = await api("/api/v1/jobs/" + jobId);
       showStatus(job);
-      if (job.status === config.succeeded && !viewerShown) {
+      if (job.status === config.status_succeeded && !viewerShown) {
         viewerShown = true;
         await showResult(job);
       }
