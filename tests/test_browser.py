@@ -261,7 +261,10 @@ def test_submit_follow_and_view_the_heat(page, web_stack, tmp_path):
     page.select_option("#class-select", label=objects[0].label)
     page.fill("#opacity", "75")
     page.dispatch_event("#opacity", "input")
+    cx, cy = _to_screen(page, *objects[0].center)
+    page.locator("#viewer").hover(position={"x": cx + 6, "y": cy + 6})
     page.wait_for_timeout(400)
+    assert page.inner_text("#cursor-score").split(":")[1].split()[0] == objects[0].label
     page.screenshot(path=ARTIFACTS / "viewer.png")
 
     # Every call carried the key in a header; none put it in a URL.

@@ -436,9 +436,11 @@
       checkResize: false,
     });
     state.markers = [marker];
+    if (state.cursor) showCursorScore(state, state.cursor);
   }
 
   function showCursorScore(state, position) {
+    state.cursor = position;
     const image = state.viewer.world.getItemAt(0);
     if (!image) return;
     const point = image.viewerElementToImageCoordinates(position);
