@@ -38,19 +38,15 @@ pytestmark = [
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
-@pytest.fixture(scope="module")
-def web_stack(tmp_path_factory, redis_server):
-    """The stack with API keys on, served over HTTP by gunicorn, with one warm worker."""
-    tmp = tmp_path_factory.mktemp("browser")
-    stack = Stack(tmp, make_database("sqlite", tmp), redis_server)
-    stack.start_worker("web")
+def _serve(stack: Stack, name: str, **env) -> tuple[subprocess.Popen, str]:
+    """gunicorn serving the app from the stack's settings (plus `env`) on a free port."""
     port = free_port()
-    log = open(tmp / "gunicorn.log", "ab")
+    log_path = stack.tmp_path / f"{name}.log"
     api = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-w", "1", "--threads", "8", "-b", f"127.0.0.1:{port}", "api:create_app()"],
         cwd=REPO_ROOT,
-        env=stack.env(),
-        stdout=log,
+        env=stack.env(**env),
+        stdout=open(log_path, "ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -59,15 +55,26 @@ def web_stack(tmp_path_factory, redis_server):
     while True:
         try:
             if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                break
+                return api, base
         except requests.RequestException:
             pass
-        assert api.poll() is None and time.monotonic() < deadline, (tmp / "gunicorn.log").read_text()[-2000:]
+        assert api.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
         time.sleep(0.2)
-    stack.base_url = base
+
+
+@pytest.fixture(scope="module")
+def web_stack(tmp_path_factory, redis_server):
+    """The stack with API keys on, served over HTTP by gunicorn, with one warm worker; and a
+    second API process over the same stack in open mode (no keys), as `make serve` runs."""
+    tmp = tmp_path_factory.mktemp("browser")
+    stack = Stack(tmp, make_database("sqlite", tmp), redis_server)
+    stack.start_worker("web")
+    keyed, stack.base_url = _serve(stack, "gunicorn")
+    open_mode, stack.open_url = _serve(stack, "gunicorn-open", API_KEYS="")
     yield stack
-    api.terminate()
-    api.wait(timeout=30)
+    for api in (keyed, open_mode):
+        api.terminate()
+        api.wait(timeout=30)
     stack.close()
 
 
@@ -333,3 +340,19 @@ def test_swagger_ui_is_served_locally(page, web_stack):
     paths = page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.textContent)")
     assert "/api/v1/jobs/{job_id}/viewer" in [path.replace("\u200b", "") for path in paths], paths
     page.screenshot(path=ARTIFACTS / "docs.png")
+
+
+def test_open_mode_asks_for_no_key(browser, web_stack):
+    context = browser.new_context(base_url=web_stack.open_url)
+    guard = Guard(web_stack.open_url)
+    context.route("**/*", guard)
+    page = context.new_page()
+    page.goto("/")
+    page.wait_for_selector("#submit-form:not([hidden])")
+    assert page.locator("#key-panel").is_hidden() and page.locator("#key-status").is_hidden()
+    assert "shapes" in page.eval_on_selector_all("#model option", "els => els.map(e => e.value)")
+    assert page.input_value("#top_k") == "3" and page.get_attribute("#batch_size", "max") == "256"
+    page.goto("/jobs")
+    page.wait_for_selector("#jobs-empty:not([hidden])")  # alice's jobs are not the open mode's
+    context.close()
+    assert guard.blocked == [] and all(key is None for _, _, key in guard.requests)
