@@ -356,3 +356,17 @@ def test_open_mode_asks_for_no_key(browser, web_stack):
     page.wait_for_selector("#jobs-empty:not([hidden])")  # alice's jobs are not the open mode's
     context.close()
     assert guard.blocked == [] and all(key is None for _, _, key in guard.requests)
+
+
+def test_a_failed_job_shows_its_error(page, web_stack):
+    client = web_stack.client("alice")
+    jpeg = png_bytes(np.random.default_rng(2).integers(0, 255, (160, 160, 3), dtype=np.uint8), "JPEG")
+    job_id = web_stack.submit(client, jpeg[: len(jpeg) // 2], model="shapes").json["id"]  # header intact, data cut
+    web_stack.wait_for(client, job_id)
+    page.goto(f"/jobs/{job_id}")
+    _enter_key(page, KEYS["alice"])
+    page.wait_for_selector("#job-error:not([hidden])")
+    assert page.inner_text("#job-status") == JobStatus.failed
+    assert page.inner_text("#job-error").startswith("corrupt_image: ")
+    assert page.locator("#result").is_hidden() and page.locator("#delete-job").is_visible()
+    page.screenshot(path=ARTIFACTS / "failed.png")
