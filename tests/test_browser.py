@@ -116,6 +116,8 @@ def page(browser, web_stack):
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.js_errors = errors
     page.console_lines = []
+    page.bad_responses = []
+    page.on("response", lambda r: r.status >= 400 and page.bad_responses.append((r.status, r.url)))
     page.on("console", lambda message: page.console_lines.append(f"{message.type}: {message.text}"))
     yield page
     context.close()
@@ -164,6 +166,7 @@ def _watch_progress(page) -> list[str]:
         if not seen or seen[-1] != text:
             seen.append(text)
         if page.inner_text("#job-status") in TERMINAL:
+            seen.append(page.inner_text("#job-progress-text"))  # the poll that said so set both
             break
         time.sleep(0.1)
     assert page.inner_text("#job-status") == JobStatus.succeeded, (seen, page.inner_text("#job-status-panel"))
@@ -281,6 +284,7 @@ def test_submit_follow_and_view_the_heat(page, web_stack, tmp_path):
     assert not any(KEYS["alice"] in url for _, url, _ in page.guard.requests)
     tiles = [url for _, url, _ in api_calls if "/dzi/" in url]
     assert any("/dzi/image_files/" in url for url in tiles) and any("/dzi/heat_" in url for url in tiles)
+    assert [bad for bad in page.bad_responses if "/dzi/" in bad[1]] == []  # every tile asked for exists
 
     # The jobs page lists it; the status filter works.
     page.goto("/jobs")

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.deepzoom import TILE_SIZE, array_region_reader, level_count, viewer_grid, write_dzi, write_viewer
+from worker.deepzoom import (
+    TILE_SIZE,
+    array_region_reader,
+    level_count,
+    min_level,
+    viewer_grid,
+    write_dzi,
+    write_viewer,
+)
 from worker.grid import ScoreGrid
 
 RNG = np.random.default_rng(3)
@@ -30,7 +38,7 @@ def _level(folder, name, level, size, fmt):
     return np.asarray(canvas)
 
 
-@pytest.mark.parametrize("size", [(1, 1), (300, 17), (700, 513), (1024, 256)])
+@pytest.mark.parametrize("size", [(1, 1), (64, 200), (300, 17), (700, 513), (1024, 256)])
 def test_pyramid_layout_and_content(tmp_path, size):
     width, height = size
     image = RNG.integers(0, 255, (height, width, 4), dtype=np.uint8)
@@ -47,14 +55,17 @@ def test_pyramid_layout_and_content(tmp_path, size):
     root = ET.parse(tmp_path / "layer.dzi").getroot()
     assert root.tag == "{http://schemas.microsoft.com/deepzoom/2008}Image"
     assert root.get("TileSize") == str(TILE_SIZE) and root.get("Format") == "png" and root.get("Overlap") == "0"
-    assert sorted(int(p.name) for p in (tmp_path / "layer_files").iterdir()) == list(range(levels))
+    coarsest = min_level(width, height)
+    assert (descriptor["min_level"], descriptor["max_level"]) == (coarsest, levels - 1)
+    # Levels from the first that fits one tile up to the full size.
+    assert sorted(int(p.name) for p in (tmp_path / "layer_files").iterdir()) == list(range(coarsest, levels))
     # Read tile by tile: never more than one tile's pixels at a time, every pixel once.
     assert max(w * h for _, _, w, h in regions) <= TILE_SIZE**2
     assert sum(w * h for _, _, w, h in regions) == width * height
     # The finest level is the image (PNG: lossless); each coarser one halves it (ceil).
     assert np.array_equal(_level(tmp_path, "layer", levels - 1, size, "png"), image)
     current = size
-    for level in range(levels - 2, -1, -1):
+    for level in range(levels - 2, coarsest - 1, -1):
         finer = _level(tmp_path, "layer", level + 1, current, "png").astype(np.float64)
         current = (math.ceil(current[0] / 2), math.ceil(current[1] / 2))
         coarse = _level(tmp_path, "layer", level, current, "png").astype(np.float64)
@@ -64,7 +75,7 @@ def test_pyramid_layout_and_content(tmp_path, size):
         interior = coarse[:rows, :cols]
         block = finer[: 2 * rows, : 2 * cols].reshape(rows, 2, cols, 2, -1).mean(axis=(1, 3))
         assert np.abs(interior - block).max() <= 1.0, level
-    assert current == (1, 1)
+    assert max(current) <= TILE_SIZE and (coarsest == 0 or max(current) > TILE_SIZE // 2)
 
 
 def _grid(rows, cols, classes=2, stride=16, window=64):

@@ -37,7 +37,7 @@ def test_viewer_files_of_a_job(service):
     assert tile.status_code == 200 and tile.mimetype == "image/jpeg"
     assert Image.open(io.BytesIO(tile.data)).size == (128, 128)
     heat = viewer["classes"][0]["layer"]
-    heat_tile = alice.get(f"{base}/dzi/{heat['name']}_files/0/0_0.png")
+    heat_tile = alice.get(f"{base}/dzi/{heat['name']}_files/{heat['min_level']}/0_0.png")
     assert heat_tile.status_code == 200 and Image.open(io.BytesIO(heat_tile.data)).mode == "RGBA"
 
     # Behind the key, to the owner only, and nothing outside the viewer folder.

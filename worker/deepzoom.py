@@ -6,7 +6,8 @@ from a `read_region(x, y, w, h)` callable (level-0 pixels), one tile at a time: 
 level is read tile by tile, every coarser tile is made from the four finer tiles below it.
 Memory is a few tiles, whatever the image size, so a region-readable source (a tiled TIFF or
 a slide) never has to be decoded whole. Pillow writes the tiles (plain JPEG/PNG files in
-Deep Zoom's own layout, `<name>_files/<level>/<col>_<row>.<ext>`), and the descriptor
+Deep Zoom's own layout, `<name>_files/<level>/<col>_<row>.<ext>`, down to the first level
+that fits in one tile), and the descriptor
 `<name>.dzi` is written last, atomically, so a descriptor always has all its tiles.
 """
 
@@ -50,6 +51,15 @@ ReadRegion = Callable[[int, int, int, int], np.ndarray]  # (x, y, w, h) -> (h, w
 def level_count(width: int, height: int) -> int:
     """Deep Zoom levels: level 0 is 1x1 pixel, the last one is the full size."""
     return math.ceil(math.log2(max(width, height, 1))) + 1
+
+
+def min_level(width: int, height: int) -> int:
+    """The coarsest level written: the first that fits in one tile. The levels below it (2x2
+    px, 1x1 px...) would add log2(TILE_SIZE) files per layer, which a small job pays for in
+    storage writes, for views nobody zooms out to; the viewer is told (OpenSeadragon's
+    `minLevel`), and another Deep Zoom viewer gets 404 for them."""
+    halvings = max(0, math.ceil(math.log2(max(width, height, 1) / TILE_SIZE)))
+    return level_count(width, height) - 1 - halvings
 
 
 def _save_tile(path: Path, tile: Image.Image, fmt: str) -> None:
@@ -98,7 +108,7 @@ def write_dzi(folder: Path, name: str, size: tuple[int, int], read_region: ReadR
     mode = "RGB" if fmt == "jpeg" else "RGBA"
     level = _finest_level(folder, name, size, read_region, fmt)
     current = size
-    for coarser in range(level - 1, -1, -1):
+    for coarser in range(level - 1, min_level(*size) - 1, -1):
         current = _coarser_level(folder, name, coarser, current, fmt, mode)
     width, height = size
     xml = (
@@ -107,7 +117,16 @@ def write_dzi(folder: Path, name: str, size: tuple[int, int], read_region: ReadR
         f'Format="{fmt}"><Size Width="{width}" Height="{height}"/></Image>\n'
     )
     write_atomic(folder / dzi_descriptor_name(name), xml.encode())
-    return {"name": name, "width": width, "height": height, "tile_size": TILE_SIZE, "overlap": 0, "format": fmt}
+    return {
+        "name": name,
+        "width": width,
+        "height": height,
+        "tile_size": TILE_SIZE,
+        "overlap": 0,
+        "format": fmt,
+        "min_level": min_level(width, height),
+        "max_level": level,
+    }
 
 
 _COLOUR_TABLE = colormap(np.linspace(0.0, 1.0, 256))

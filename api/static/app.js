@@ -333,17 +333,18 @@
   }
 
   function tileSource(jobId, layer) {
-    // Deep Zoom's JSON form: no descriptor request, tiles under <layer>_files/.
-    return {
-      Image: {
-        xmlns: "http://schemas.microsoft.com/deepzoom/2008",
-        Url: "/api/v1/jobs/" + jobId + "/dzi/" + layer.name + "_files/",
-        Format: layer.format,
-        Overlap: String(layer.overlap),
-        TileSize: String(layer.tile_size),
-        Size: { Width: String(layer.width), Height: String(layer.height) },
-      },
-    };
+    // The Deep Zoom layer without a descriptor request; the worker writes levels from
+    // min_level (the first that fits one tile) up, so OpenSeadragon never asks for smaller.
+    return new OpenSeadragon.DziTileSource({
+      width: layer.width,
+      height: layer.height,
+      tileSize: layer.tile_size,
+      tileOverlap: layer.overlap,
+      tilesUrl: "/api/v1/jobs/" + jobId + "/dzi/" + layer.name + "_files/",
+      fileFormat: layer.format,
+      minLevel: layer.min_level,
+      maxLevel: layer.max_level,
+    });
   }
 
   // Nearest window centre along one axis: the cell whose window covers the point best.
