@@ -33,7 +33,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_URL_PREFIX="/api/v1",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        OPENAPI_SWAGGER_UI_URL="/static/vendor/swagger-ui/",  # vendored (api/static/vendor): no CDN
+        OPENAPI_SWAGGER_UI_CONFIG={"validatorUrl": None},  # the validator badge would call swagger.io
         API_SPEC_OPTIONS={
             "info": {"description": "Asynchronous heatmaps for large images from Keras classifiers."},
             "components": {"securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}},
@@ -43,13 +44,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     context = ApiContext(settings)
     app.extensions["heatmaps"] = context
 
-    from api import health, job_routes, metrics, model_routes
+    from api import health, job_routes, metrics, model_routes, ui_routes, viewer_routes
 
     api = HeatmapApi(app)
     app.extensions["heatmap_api"] = api
     document_limits(api, settings)
     api.register_blueprint(job_routes.blp)
     api.register_blueprint(model_routes.blp)
+    api.register_blueprint(viewer_routes.blp)
+    app.register_blueprint(ui_routes.bp)
     app.register_blueprint(health.bp)
     context.metrics_registry = metrics.make_registry(context)
     register_error_handlers(app)

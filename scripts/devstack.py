@@ -124,6 +124,7 @@ def start_stack(stack: ExitStack, port: int, quiet: bool) -> tuple[str, Settings
             raise SystemExit(f"the API did not become ready; see {api.log_path}")
         time.sleep(0.3)
     print(f"api        {base}  (docs: {base}/api/v1/docs, OpenAPI: {base}/api/v1/openapi.json)")
+    print(f"web page   {base}/  (submit images, follow jobs, explore heatmaps in the deep-zoom viewer)")
     print(f"worker     celery, logs in {log_dir}")
     return base, settings
 
@@ -186,6 +187,8 @@ def demo(port: int) -> int:
         found = _check_objects(base, result, objects)
         print(f"objects    {found}/{len(objects)} objects hold a local maximum of their class map")
         print(f"summary    {base}{result['summary_url']}")
+        serve_base = f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"
+        print(f"web page   `make serve`, then open {serve_base}/jobs/{job['id']} (this job, in the viewer)")
     print("stopped    api, worker and redis")
     return 0
 

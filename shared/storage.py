@@ -58,7 +58,40 @@ def artifact_keys(job_id: str, classes: Iterable[tuple[str, int]]) -> dict:
         "heatmap": f"{prefix}/{HEATMAP_FILE}",
         "summary": f"{prefix}/{SUMMARY_FILE}",
         "overlays": {name: f"{prefix}/{overlay_filename(index)}" for name, index in classes},
+        "viewer": viewer_key(job_id),
     }
+
+
+# --- viewer (Deep Zoom) keys ---
+# results/<job_id>/viewer/{viewer.json, <layer>.dzi, <layer>_files/<level>/<col>_<row>.<ext>}
+VIEWER_DIR = "viewer"
+VIEWER_FILE = "viewer.json"
+IMAGE_LAYER = "image"
+_LAYER_RE = re.compile(r"^(image|heat_[0-9]{1,9})$")
+
+
+def heat_layer_name(class_index: int) -> str:
+    """Deep Zoom layer of one class's heat, named by index like the overlays."""
+    return f"heat_{int(class_index)}"
+
+
+def is_layer_name(layer: str) -> bool:
+    """Whether a name from a URL is a layer the worker writes (checked before building a key)."""
+    return bool(_LAYER_RE.match(layer))
+
+
+def viewer_key(job_id: str, name: str = VIEWER_FILE) -> str:
+    """A file of the job's viewer folder (the manifest by default)."""
+    return f"{results_prefix(job_id)}/{VIEWER_DIR}/{name}"
+
+
+def dzi_descriptor_name(layer: str) -> str:
+    return f"{layer}.dzi"
+
+
+def dzi_tile_name(layer: str, level: int, col: int, row: int, extension: str) -> str:
+    """Deep Zoom's own tile layout, relative to the descriptor: <layer>_files/<level>/<col>_<row>.<ext>."""
+    return f"{layer}_files/{int(level)}/{int(col)}_{int(row)}.{extension}"
 
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*$")
@@ -130,11 +163,13 @@ class Storage:
         return size
 
     def put_dir(self, prefix: str, local_dir: str | Path) -> dict[str, int]:
-        """Upload every file of a local folder under `prefix/`, each atomically."""
+        """Upload every file of a local folder (subfolders too: the viewer's tiles) under
+        `prefix/`, each atomically."""
         written = {}
-        for path in sorted(Path(local_dir).iterdir()):
+        for path in sorted(Path(local_dir).rglob("*")):
             if path.is_file():
-                written[f"{prefix}/{path.name}"] = self.put_file(f"{prefix}/{path.name}", path)
+                key = f"{prefix}/{path.relative_to(local_dir).as_posix()}"
+                written[key] = self.put_file(key, path)
         return written
 
     def delete_prefix(self, prefix: str) -> None:

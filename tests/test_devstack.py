@@ -35,6 +35,8 @@ def test_demo_runs_and_cleans_up(tmp_path):
     assert os.path.getsize(heatmap) > 0
     assert len(re.findall(r"^overlay ", out, flags=re.M)) == 4
     assert "stopped" in out
+    assert re.search(r"^web page   http://127\.0\.0\.1:\d+/ ", out, flags=re.M), out  # the page's address
+    assert re.search(r"^web page   .*/jobs/[0-9a-f]{32} ", out, flags=re.M), out  # and the job's
     assert [p for p in psutil.process_iter() if _data_dir(p) == env["DATA_DIR"]] == []  # nothing left running
 
 

@@ -16,8 +16,10 @@ import numpy as np
 from shared.analysis_raster import ArrayRaster, Raster, choose_resolution, open_raster
 from shared.image_sources import DEFAULT_MAX_REGION_PIXELS, ImageSource, open_image_source
 from shared.jobspec import JobParams
+from shared.storage import VIEWER_DIR
 from shared.tissue_mask import overview
 from worker.artifacts import write_heatmap, write_overlays, write_summary
+from worker.deepzoom import write_viewer
 from worker.direct import direct_inference
 from worker.grid import KeepFn, ProgressFn, ScoreGrid
 from worker.inference_plan import (
@@ -84,8 +86,10 @@ def run_inference(
     max_region_pixels: int = DEFAULT_MAX_REGION_PIXELS,
     mask_image: str | Path | None = None,
     progress: ProgressFn | None = None,
+    viewer: bool = False,
 ) -> dict:
     """Compute heatmaps for one image and write them to `out_dir`; returns the summary.
+    `viewer`: also write the web viewer's Deep Zoom pyramids (`viewer/`; the service does).
 
     `image_source` is a path, an fsspec URL or a binary stream; it is opened as an
     ImageSource and read region by region. `mask_image` is an uploaded mask (params.mask
@@ -102,19 +106,17 @@ def run_inference(
     ) as source:
         grid, raster, mask, mask_mode = _compute(source, params, loaded, mask_image, max_pixels, progress, timings)
         clock = time.perf_counter()
-        picture = raster.pixels if isinstance(raster, ArrayRaster) else overview(source, params.overlay_max_side)
         info = source.info
-
-    summary = {
-        "image": {"width": info.width, "height": info.height},
-        "source": source_summary(info, raster),
-        "model": loaded.name,
-        "mode": params.mode,
-        "parameters": params.to_json(),
-        "grid": _grid_summary(grid),
-        "mask": mask_summary(grid, mask, mask_mode, params.mask_min_fraction),
-    }
-    summary |= _write_outputs(out_dir, grid, picture, info, params, loaded)
+        summary = {
+            "image": {"width": info.width, "height": info.height},
+            "source": source_summary(info, raster),
+            "model": loaded.name,
+            "mode": params.mode,
+            "parameters": params.to_json(),
+            "grid": _grid_summary(grid),
+            "mask": mask_summary(grid, mask, mask_mode, params.mask_min_fraction),
+        }
+        summary |= _write_outputs(out_dir, grid, source, raster, params, loaded, viewer)
     timings["write_s"] = time.perf_counter() - clock
     timings["total_s"] = time.perf_counter() - started
     summary["timings"] = {key: round(value, 4) for key, value in timings.items()}
@@ -122,9 +124,30 @@ def run_inference(
     return summary
 
 
-def _write_outputs(out_dir: Path, grid: ScoreGrid, picture, info, params: JobParams, loaded: LoadedModel) -> dict:
-    """Every artifact but summary.json; returns what the summary says about them."""
+def _write_outputs(
+    out_dir: Path,
+    grid: ScoreGrid,
+    source: ImageSource,
+    raster: Raster,
+    params: JobParams,
+    loaded: LoadedModel,
+    viewer: bool,
+) -> dict:
+    """Every artifact but summary.json; returns what the summary says about them. The
+    overlays draw over the analysed pixels when they are in memory, else over an overview;
+    the viewer's image pyramid is read from the source region by region (level 0)."""
+    info = source.info
+    picture = raster.pixels if isinstance(raster, ArrayRaster) else overview(source, params.overlay_max_side)
     names = [loaded.info.classes[int(i)] for i in grid.class_indices]
+    if viewer:
+        write_viewer(
+            out_dir / VIEWER_DIR,
+            lambda x, y, w, h: source.read_region(0, x, y, w, h),
+            (info.width, info.height),
+            grid.without_nan(),
+            names,
+            params.weighting,
+        )
     write_heatmap(out_dir, grid, names, params.mode, loaded.name)
     overlays = write_overlays(
         out_dir,

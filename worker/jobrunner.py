@@ -225,6 +225,7 @@ def _compute_and_store(
         max_region_pixels=settings.max_region_pixels,
         mask_image=mask_path,
         progress=heartbeat.progress,
+        viewer=True,
     )
     heartbeat.progress(heartbeat.total, heartbeat.total)  # last chance to notice a cancel before storing
 

@@ -1,0 +1,376 @@
+"""The web page in a real browser: Debian's chromium driven by Playwright, against the real
+stack (gunicorn serving the API, a real Celery worker, Redis, SQLite and the bundled model).
+
+Every request the page makes goes through a route handler that lets the service's own
+host through and blocks and counts everything else: the page must work offline. Screenshots
+go to tests/artifacts/browser/ (ignored by git); docs/webui.png is one of them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+import requests
+from conftest import KEYS, Stack, make_database, png_bytes
+from PIL import Image
+
+from shared.embedded_redis import free_port
+from shared.job_status import TERMINAL, JobStatus
+from shared.settings import REPO_ROOT
+
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+ARTIFACTS = REPO_ROOT / "tests" / "artifacts" / "browser"
+SCENE_CLASSES = ("circle", "square", "triangle", "cross")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="Debian's chromium is not installed (scripts/system-packages.txt)"
+    ),
+]
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+def _serve(stack: Stack, name: str, **env) -> tuple[subprocess.Popen, str]:
+    """gunicorn serving the app from the stack's settings (plus `env`) on a free port."""
+    port = free_port()
+    log_path = stack.tmp_path / f"{name}.log"
+    api = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-w", "1", "--threads", "8", "-b", f"127.0.0.1:{port}", "api:create_app()"],
+        cwd=REPO_ROOT,
+        env=stack.env(**env),
+        stdout=open(log_path, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return api, base
+        except requests.RequestException:
+            pass
+        assert api.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def web_stack(tmp_path_factory, redis_server):
+    """The stack with API keys on, served over HTTP by gunicorn, with one warm worker; and a
+    second API process over the same stack in open mode (no keys), as `make serve` runs."""
+    tmp = tmp_path_factory.mktemp("browser")
+    stack = Stack(tmp, make_database("sqlite", tmp), redis_server)
+    stack.start_worker("web")
+    keyed, stack.base_url = _serve(stack, "gunicorn")
+    open_mode, stack.open_url = _serve(stack, "gunicorn-open", API_KEYS="")
+    yield stack
+    for api in (keyed, open_mode):
+        api.terminate()
+        api.wait(timeout=30)
+    stack.close()
+
+
+class Guard:
+    """Route interception: the service's host goes through, every other host is blocked and
+    counted; every request is recorded (method, URL, whether it carried the key)."""
+
+    def __init__(self, base_url: str):
+        self.host = urlsplit(base_url).netloc
+        self.blocked: list[str] = []
+        self.requests: list[tuple[str, str, str | None]] = []
+
+    def __call__(self, route, request):
+        self.requests.append((request.method, request.url, request.headers.get("x-api-key")))
+        if urlsplit(request.url).netloc != self.host or urlsplit(request.url).scheme != "http":
+            self.blocked.append(request.url)
+            route.abort()
+        else:
+            route.continue_()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, web_stack):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, base_url=web_stack.base_url)
+    guard = Guard(web_stack.base_url)
+    context.route("**/*", guard)
+    page = context.new_page()
+    page.guard = guard
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.js_errors = errors
+    page.console_lines = []
+    page.bad_responses = []
+    page.on("response", lambda r: r.status >= 400 and page.bad_responses.append((r.status, r.url)))
+    page.on("console", lambda message: page.console_lines.append(f"{message.type}: {message.text}"))
+    yield page
+    context.close()
+    assert guard.blocked == [], f"the page asked other hosts: {guard.blocked[:5]}"
+    assert errors == [], errors
+
+
+def _scene(tmp_path: Path):
+    from shapes.scenes import generate_scene
+
+    image, objects = generate_scene(896, 640, n_objects=4, seed=7, labels=SCENE_CLASSES, object_size=(34, 44))
+    path = tmp_path / "scene.png"
+    path.write_bytes(png_bytes(image))
+    return path, objects
+
+
+def _enter_key(page, key: str) -> None:
+    page.fill("#api-key", key)
+    page.click("#key-form button[type=submit]")
+
+
+def _submit_scene(page, scene: Path) -> str:
+    page.goto("/")
+    page.wait_for_selector("#key-panel:not([hidden])")
+    _enter_key(page, "not-a-key")
+    page.wait_for_selector("#key-error:not([hidden])")
+    assert "forbidden" in page.inner_text("#key-error")
+    page.screenshot(path=ARTIFACTS / "wrong_key.png")
+    _enter_key(page, KEYS["alice"])
+    page.wait_for_selector("#submit-form:not([hidden])")
+    page.set_input_files("#image", str(scene))
+    page.select_option("#model", "shapes")
+    for name in SCENE_CLASSES:
+        page.check(f"input[name=class][value={name}]")
+    page.screenshot(path=ARTIFACTS / "submit.png", full_page=True)
+    page.click("#submit-button")
+    page.wait_for_url("**/jobs/*")
+    return page.url.rsplit("/", 1)[1]
+
+
+def _watch_progress(page) -> list[str]:
+    seen = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        text = page.inner_text("#job-progress-text")
+        if not seen or seen[-1] != text:
+            seen.append(text)
+        if page.inner_text("#job-status") in TERMINAL:
+            seen.append(page.inner_text("#job-progress-text"))  # the poll that said so set both
+            break
+        time.sleep(0.1)
+    assert page.inner_text("#job-status") == JobStatus.succeeded, (seen, page.inner_text("#job-status-panel"))
+    return seen
+
+
+def _wait_viewer(page) -> None:
+    try:
+        _wait_tiles(page)
+    except sync_api.TimeoutError:
+        page.screenshot(path=ARTIFACTS / "viewer_timeout.png", full_page=True)
+        state = page.evaluate(
+            "() => { const s = window.heatmapViewer; return s ? {ready: s.ready, layers: s.layers.length,"
+            " items: s.viewer.world.getItemCount()} : null; }"
+        )
+        raise AssertionError(f"viewer not loaded: {state}; console: {page.console_lines[-10:]}") from None
+
+
+def _wait_tiles(page) -> None:
+    page.wait_for_function(
+        """() => {
+            const s = window.heatmapViewer;
+            if (!s || !s.ready) return false;
+            const world = s.viewer.world;
+            for (let i = 0; i < world.getItemCount(); i++) if (!world.getItemAt(i).getFullyLoaded()) return false;
+            return true;
+        }""",
+        timeout=60_000,
+    )
+
+
+def _viewer_pixels(page, opacity: int) -> np.ndarray:
+    page.fill("#opacity", str(opacity))
+    page.dispatch_event("#opacity", "input")
+    page.wait_for_timeout(400)  # one animation frame is enough; leave room on a loaded machine
+    path = ARTIFACTS / f"viewer_{opacity}.png"
+    page.locator("#viewer").screenshot(path=path)
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+
+
+def _to_screen(page, x: float, y: float) -> tuple[float, float]:
+    return tuple(
+        page.evaluate(
+            """([x, y]) => {
+                const item = window.heatmapViewer.viewer.world.getItemAt(0);
+                const p = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
+                return [p.x, p.y];
+            }""",
+            [x, y],
+        )
+    )
+
+
+def _heat_contrast(page, objects, target) -> tuple[float, float]:
+    """Mean colour change that switching the heat on makes inside the target object's box,
+    and far (> 100 px) from every object, in screen pixels of the viewer."""
+    plain, heat = _viewer_pixels(page, 0), _viewer_pixels(page, 100)
+    change = np.abs(heat - plain).sum(axis=2)
+    x0, y0, x1, y1 = target.bbox
+    (sx0, sy0), (sx1, sy1) = _to_screen(page, x0, y0), _to_screen(page, x1, y1)
+    inside = change[int(sy0) : int(sy1) + 1, int(sx0) : int(sx1) + 1].mean()
+    ys, xs = np.mgrid[0 : change.shape[0], 0 : change.shape[1]]
+    far = np.ones(change.shape, dtype=bool)
+    for obj in objects:
+        cx, cy = _to_screen(page, *obj.center)
+        far &= (xs - cx) ** 2 + (ys - cy) ** 2 > 100**2
+    nav = page.locator(".navigator").bounding_box()
+    view = page.locator("#viewer").bounding_box()
+    if nav:  # the navigator (a thumbnail with its own heat) is not the main image
+        nx, ny = nav["x"] - view["x"], nav["y"] - view["y"]
+        far &= ~((xs >= nx - 4) & (xs <= nx + nav["width"] + 4) & (ys >= ny - 4) & (ys <= ny + nav["height"] + 4))
+    x_end, y_end = _to_screen(page, 896, 640)
+    far &= (xs < x_end) & (ys < y_end) & (xs >= _to_screen(page, 0, 0)[0]) & (ys >= _to_screen(page, 0, 0)[1])
+    return float(inside), float(change[far].mean())
+
+
+def test_submit_follow_and_view_the_heat(page, web_stack, tmp_path):
+    scene, objects = _scene(tmp_path)
+    job_id = _submit_scene(page, scene)
+    seen = _watch_progress(page)
+    assert seen[-1] == "100 %", seen
+    _wait_viewer(page)
+    page.screenshot(path=ARTIFACTS / "job.png", full_page=True)
+
+    options = page.eval_on_selector_all("#class-select option", "els => els.map(e => e.textContent)")
+    assert sorted(options) == sorted(SCENE_CLASSES)
+    for obj in objects:
+        page.select_option("#class-select", label=obj.label)
+        page.wait_for_timeout(200)
+        assert page.input_value("#class-select") == str(options.index(obj.label))
+        inside, far = _heat_contrast(page, objects, obj)
+        print(f"{obj.label}: colour change inside the object {inside:.1f}, far from objects {far:.1f}")
+        # Heat drawn over the object (its class's score is near its maximum there), and
+        # the image left alone far from every object.
+        assert inside > 60 and inside > 5 * far, (obj.label, inside, far)
+        # The colour bar shows the class's score range; the cursor reads the grid.
+        assert page.inner_text("#bar-high") != ""
+        cx, cy = _to_screen(page, *obj.center)
+        page.locator("#viewer").hover(position={"x": cx, "y": cy})
+        text = page.inner_text("#cursor-score")
+        assert obj.label in text and float(text.rsplit(" ", 1)[1]) > 0.5, text
+    page.select_option("#class-select", label=objects[0].label)
+    page.fill("#opacity", "75")
+    page.dispatch_event("#opacity", "input")
+    cx, cy = _to_screen(page, *objects[0].center)
+    page.locator("#viewer").hover(position={"x": cx + 6, "y": cy + 6})
+    page.wait_for_timeout(400)
+    assert page.inner_text("#cursor-score").split(":")[1].split()[0] == objects[0].label
+    page.screenshot(path=ARTIFACTS / "viewer.png")
+
+    # Every call carried the key in a header; none put it in a URL.
+    api_calls = [r for r in page.guard.requests if "/api/v1/" in r[1]]
+    keys = [key for _, _, key in api_calls]
+    assert keys[0] == "not-a-key" and set(keys[1:]) == {KEYS["alice"]}, set(keys)
+    assert not any(KEYS["alice"] in url for _, url, _ in page.guard.requests)
+    tiles = [url for _, url, _ in api_calls if "/dzi/" in url]
+    assert any("/dzi/image_files/" in url for url in tiles) and any("/dzi/heat_" in url for url in tiles)
+    assert [bad for bad in page.bad_responses if "/dzi/" in bad[1]] == []  # every tile asked for exists
+
+    # The jobs page lists it; the status filter works.
+    page.goto("/jobs")
+    page.wait_for_selector(f"a[href='/jobs/{job_id}']")
+    page.select_option("#status-filter", JobStatus.failed.value)
+    page.wait_for_selector(f"a[href='/jobs/{job_id}']", state="detached")
+    page.select_option("#status-filter", JobStatus.succeeded.value)
+    page.wait_for_selector(f"a[href='/jobs/{job_id}']")
+    page.screenshot(path=ARTIFACTS / "jobs.png", full_page=True)
+
+
+def test_another_key_sees_nothing_and_the_key_stays_in_the_tab(page, web_stack, tmp_path):
+    client = web_stack.client("alice")
+    response = web_stack.submit(client, png_bytes(np.full((96, 96, 3), 200, np.uint8)), model="shapes")
+    job_id = response.json["id"]
+    web_stack.wait_for(client, job_id)
+    page.goto(f"/jobs/{job_id}")
+    _enter_key(page, KEYS["bob"])
+    page.wait_for_selector("#page-error:not([hidden])")
+    assert "not_found" in page.inner_text("#page-error")
+    assert page.evaluate("document.cookie") == ""
+    assert page.evaluate("sessionStorage.getItem('heatmapApiKey')") == KEYS["bob"]
+    page.goto("/jobs")
+    page.wait_for_selector("#jobs-empty:not([hidden])")
+    assert page.locator(f"a[href='/jobs/{job_id}']").count() == 0
+
+
+def test_cancel_and_delete_buttons(page, web_stack):
+    client = web_stack.client("alice")
+    # A long job (tiled, 4-px stride): canceled from the page while it runs.
+    slow = web_stack.submit(
+        client, png_bytes(np.full((1024, 1024, 3), 60, np.uint8)), model="shapes", mode="tiled", stride=4
+    )
+    page.goto(f"/jobs/{slow.json['id']}")
+    _enter_key(page, KEYS["alice"])
+    page.wait_for_selector("#cancel-job:not([hidden])")
+    page.click("#cancel-job")
+    page.wait_for_selector(f"#job-status.status-{JobStatus.canceled}", timeout=60_000)
+    assert web_stack.job_row(slow.json["id"]).status == JobStatus.canceled
+    response = web_stack.submit(client, png_bytes(np.full((96, 96, 3), 90, np.uint8)), model="shapes")
+    job_id = response.json["id"]
+    web_stack.wait_for(client, job_id)
+    page.goto(f"/jobs/{job_id}")  # the key is kept for this tab: not asked again
+    page.wait_for_selector("#delete-job:not([hidden])")
+    assert page.locator("#key-panel").is_hidden()
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete-job")
+    page.wait_for_url("**/jobs")
+    assert client.get(f"/api/v1/jobs/{job_id}").status_code == 404
+
+
+def test_swagger_ui_is_served_locally(page, web_stack):
+    page.goto("/api/v1/docs")
+    page.wait_for_selector(".swagger-ui .information-container .title", timeout=30_000)
+    assert "Heatmap jobs" in page.inner_text(".swagger-ui .information-container .title")
+    page.wait_for_selector(".opblock-summary-path")
+    paths = page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.textContent)")
+    assert "/api/v1/jobs/{job_id}/viewer" in [path.replace("\u200b", "") for path in paths], paths
+    page.screenshot(path=ARTIFACTS / "docs.png")
+
+
+def test_open_mode_asks_for_no_key(browser, web_stack):
+    context = browser.new_context(base_url=web_stack.open_url)
+    guard = Guard(web_stack.open_url)
+    context.route("**/*", guard)
+    page = context.new_page()
+    page.goto("/")
+    page.wait_for_selector("#submit-form:not([hidden])")
+    assert page.locator("#key-panel").is_hidden() and page.locator("#key-status").is_hidden()
+    assert "shapes" in page.eval_on_selector_all("#model option", "els => els.map(e => e.value)")
+    assert page.input_value("#top_k") == "3" and page.get_attribute("#batch_size", "max") == "256"
+    page.goto("/jobs")
+    page.wait_for_selector("#jobs-empty:not([hidden])")  # alice's jobs are not the open mode's
+    context.close()
+    assert guard.blocked == [] and all(key is None for _, _, key in guard.requests)
+
+
+def test_a_failed_job_shows_its_error(page, web_stack):
+    client = web_stack.client("alice")
+    jpeg = png_bytes(np.random.default_rng(2).integers(0, 255, (160, 160, 3), dtype=np.uint8), "JPEG")
+    job_id = web_stack.submit(client, jpeg[: len(jpeg) // 2], model="shapes").json["id"]  # header intact, data cut
+    web_stack.wait_for(client, job_id)
+    page.goto(f"/jobs/{job_id}")
+    _enter_key(page, KEYS["alice"])
+    page.wait_for_selector("#job-error:not([hidden])")
+    assert page.inner_text("#job-status") == JobStatus.failed
+    assert page.inner_text("#job-error").startswith("corrupt_image: ")
+    assert page.locator("#result").is_hidden() and page.locator("#delete-job").is_visible()
+    page.screenshot(path=ARTIFACTS / "failed.png")
