@@ -55,6 +55,7 @@ def represent(job: Job) -> dict:
             "heatmap_url": url_for("jobs.heatmap", job_id=job.id),
             "summary_url": url_for("jobs.summary", job_id=job.id),
         }
+        result |= _map_output_links(job)
     return {
         "id": job.id,
         "status": job.status,
@@ -78,6 +79,19 @@ def represent(job: Job) -> dict:
         "result": result,
         "url": job_url(job.id),
     }
+
+
+def _map_output_links(job: Job) -> dict:
+    """Links to heatmap.tif and the regions, for jobs whose worker wrote them."""
+    artifacts = job.result.get("artifacts", {})
+    links = {}
+    if "raster" in artifacts:
+        links["raster_url"] = url_for("jobs.raster", job_id=job.id)
+    if "regions" in artifacts:
+        links["regions_url"] = url_for("jobs.regions", job_id=job.id)
+    if "regions_map" in artifacts:
+        links["regions_map_url"] = url_for("jobs.regions_map", job_id=job.id)
+    return links
 
 
 def _load_job(session, job_id: str) -> Job:
@@ -190,9 +204,13 @@ def _artifact(job_id: str, pick):
         raise ApiError(404, "not_found", "no such artifact")
     storage = _ctx().storage
     local = storage.local_path(key)
-    mimetype = {"npz": "application/octet-stream", "json": "application/json", "png": "image/png"}[
-        key.rsplit(".", 1)[1]
-    ]
+    mimetype = {
+        "npz": "application/octet-stream",
+        "json": "application/json",
+        "png": "image/png",
+        "tif": "image/tiff",
+        "geojson": "application/geo+json",
+    }[key.rsplit(".", 1)[1]]
     if local is not None:
         if not local.is_file():
             raise ApiError(404, "not_found", "the artifact is gone (retention)")
@@ -223,3 +241,38 @@ def summary(job_id):
 def overlay(job_id, class_name):
     """Download one class's overlay PNG (by class name, as listed in the result)."""
     return _artifact(job_id, lambda a: a["overlays"].get(class_name))
+
+
+@blp.route("/<string:job_id>/raster", endpoint="raster")
+@blp.response(
+    200,
+    description="heatmap.tif: tiled pyramidal float32 TIFF, one band per selected class, NaN = not computed;"
+    " a GeoTIFF in the source's CRS for georeferenced input",
+    content_type="image/tiff",
+)
+def raster(job_id):
+    """Download the score maps as a tiled, pyramidal (Geo)TIFF (QGIS, GDAL, QuPath)."""
+    return _artifact(job_id, lambda a: a.get("raster"))
+
+
+@blp.route("/<string:job_id>/regions", endpoint="regions")
+@blp.response(
+    200,
+    description="regions.geojson: per class, regions of cells at or above the threshold as QuPath annotations"
+    " (level-0 pixel coordinates)",
+    content_type="application/geo+json",
+)
+def regions(job_id):
+    """Download the regions at or above the job's threshold (QuPath: File > Import objects)."""
+    return _artifact(job_id, lambda a: a.get("regions"))
+
+
+@blp.route("/<string:job_id>/regions/map", endpoint="regions_map")
+@blp.response(
+    200,
+    description="regions_map.geojson: the regions in the source's map coordinates, CRS named in `crs`",
+    content_type="application/geo+json",
+)
+def regions_map(job_id):
+    """Download the regions in map coordinates (georeferenced input only; 404 otherwise)."""
+    return _artifact(job_id, lambda a: a.get("regions_map"))

@@ -47,6 +47,11 @@ class ResultSchema(ma.Schema):
     timings = ma.fields.Dict(required=True)
     heatmap_url = ma.fields.String(required=True)
     summary_url = ma.fields.String(required=True)
+    raster_url = ma.fields.String(metadata={"description": "heatmap.tif (image/tiff)"})
+    regions_url = ma.fields.String(metadata={"description": "regions.geojson (application/geo+json)"})
+    regions_map_url = ma.fields.String(
+        metadata={"description": "regions_map.geojson, georeferenced input only (application/geo+json)"}
+    )
 
 
 class JobSchema(ma.Schema):

@@ -6,6 +6,7 @@ No TensorFlow here: checks use the model's catalogue entry (classes, native wind
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,6 +18,7 @@ MODES = ("direct", "tiled")
 WEIGHTINGS = ("mean", "gaussian")
 DEFAULT_TOP_K = 3
 DEFAULT_BATCH_SIZE = 32
+DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class FormField:
     The API's OpenAPI request body and the CLI's flags are generated from `FORM_FIELDS`."""
 
     name: str
-    type: str  # JSON Schema type: "string" or "integer"
+    type: str  # JSON Schema type: "string", "integer" or "number"
     description: str
     choices: tuple[str, ...] | None = None
     default: Any = None
@@ -40,6 +42,9 @@ FORM_FIELDS: tuple[FormField, ...] = (
     FormField("top_k", "integer", "keep the classes with the highest maxima", default=DEFAULT_TOP_K, minimum=1),
     FormField("classes", "string", "comma-separated class names or indices (instead of top_k)"),
     FormField("weighting", "string", "blending of overlapping windows in the overlays", WEIGHTINGS, "mean"),
+    FormField(
+        "threshold", "number", "regions.geojson: cells scoring at or above this form regions", default=DEFAULT_THRESHOLD
+    ),
 )
 FORM_FIELD_NAMES = frozenset(field.name for field in FORM_FIELDS)
 
@@ -62,6 +67,7 @@ class JobParams:
     memory_budget_mb: int = 1024  # direct mode: bound for one tile's activations
     weighting: str = "mean"  # blending of overlapping windows in the overlays
     overlay_max_side: int = 1024
+    threshold: float = DEFAULT_THRESHOLD  # regions.geojson: cells scoring at or above this
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -89,6 +95,19 @@ def _integer(name: str, value: Any, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ParameterError("invalid_parameter", f"{name} must be between {low} and {high}, got {value}")
     return value
+
+
+def _threshold(value: Any) -> float:
+    """Any finite number: scores need not be probabilities (a user model may output logits)."""
+    if value in (None, ""):
+        return DEFAULT_THRESHOLD
+    try:
+        number = float(value) if not isinstance(value, str) or len(value) <= 40 else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ParameterError("invalid_parameter", "threshold must be a finite number")
+    return number
 
 
 def _class_list(value: Any) -> list[str | int]:
@@ -158,4 +177,5 @@ def validate_params(
         class_indices=class_indices,
         memory_budget_mb=budget,
         weighting=weighting,
+        threshold=_threshold(raw.get("threshold")),
     )

@@ -7,8 +7,9 @@ queues or databases.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -18,6 +19,8 @@ from worker.artifacts import write_heatmap, write_overlays, write_summary
 from worker.direct import direct_inference
 from worker.grid import ProgressFn, ScoreGrid
 from worker.model_registry import LoadedModel, ModelRegistry
+from worker.raster_output import write_raster
+from worker.regions_output import write_regions
 from worker.tiled import tiled_inference
 
 
@@ -62,8 +65,12 @@ def run_inference(
     *,
     max_pixels: int,
     progress: ProgressFn | None = None,
+    georeference: Mapping[str, Any] | None = None,
 ) -> dict:
     """Compute heatmaps for one image and write them to `out_dir`; returns the summary.
+
+    `georeference` (keys ``geotransform``, ``crs_wkt``, ``epsg``, ``mpp``: level-0 pixels, as
+    the image source states them) places ``heatmap.tif`` and the regions on the map.
 
     Raises ``shared.imageio.ImageError`` for bad images, ``shared.catalog.CatalogError``
     for unknown models, and whatever `progress` raises (e.g. a cancellation).
@@ -88,6 +95,9 @@ def run_inference(
     overlays, overlay_shape = write_overlays(
         out_dir, grid, image, max_side=params.overlay_max_side, weighting=params.weighting
     )
+    georeference = dict(georeference or {})
+    raster = write_raster(out_dir, grid, names, **georeference)
+    regions = write_regions(out_dir, grid, names, params.threshold, **georeference)
     summary = {
         "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
         "model": loaded.name,
@@ -96,6 +106,8 @@ def run_inference(
         "grid": _grid_summary(grid),
         "overlay_size": {"width": overlay_shape[1], "height": overlay_shape[0]},
         "classes": _class_summaries(grid, names, overlays),
+        "raster": raster,
+        "regions": regions,
         "timings": {
             "model_load_s": round(model_seconds, 4),
             "decode_s": round(decode_seconds, 4),
