@@ -36,6 +36,7 @@ from worker.cell_geometry import (
 )
 from worker.grid import ScoreGrid
 
+QUOTES = {'"': "&quot;"}
 TILE = 256  # TIFF tile side (a multiple of 16); levels are added until one tile holds a level
 CLASSIC_TIFF_LIMIT = 2**31  # above this many bytes of data (all levels) the file is a BigTIFF
 
@@ -84,9 +85,10 @@ def geotiff_tags(crs: pyproj.CRS | None, geotransform: Geotransform) -> list[tup
 
 
 def _gdal_tags(class_names: list[str]) -> list[tuple]:
-    """GDAL metadata (band names, as QGIS shows them) and nodata = NaN."""
+    """GDAL metadata (band names, as QGIS shows them) and nodata = NaN. GDAL escapes item
+    values once more inside the XML (and unescapes twice on reading), so do as it does."""
     items = "".join(
-        f'<Item name="DESCRIPTION" sample="{k}" role="description">{escape(name)}</Item>'
+        f'<Item name="DESCRIPTION" sample="{k}" role="description">{escape(escape(name, QUOTES), QUOTES)}</Item>'
         for k, name in enumerate(class_names)
     )
     return [(42112, 2, 0, f"<GDALMetadata>{items}</GDALMetadata>", True), (42113, 2, 0, "nan", True)]
