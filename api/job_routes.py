@@ -243,7 +243,15 @@ def overlay(job_id, class_name):
     return _artifact(job_id, lambda a: a["overlays"].get(class_name))
 
 
+def _binary_content(content_type: str, schema: dict | None = None) -> dict:
+    """OpenAPI `content` of a download response (flask-smorest lists none without a schema)."""
+    return {
+        "responses": {"200": {"content": {content_type: {"schema": schema or {"type": "string", "format": "binary"}}}}}
+    }
+
+
 @blp.route("/<string:job_id>/raster", endpoint="raster")
+@blp.doc(**_binary_content("image/tiff"))
 @blp.response(
     200,
     description="heatmap.tif: tiled pyramidal float32 TIFF, one band per selected class, NaN = not computed;"
@@ -256,6 +264,7 @@ def raster(job_id):
 
 
 @blp.route("/<string:job_id>/regions", endpoint="regions")
+@blp.doc(**_binary_content("application/geo+json", {"type": "object"}))
 @blp.response(
     200,
     description="regions.geojson: per class, regions of cells at or above the threshold as QuPath annotations"
@@ -268,6 +277,7 @@ def regions(job_id):
 
 
 @blp.route("/<string:job_id>/regions/map", endpoint="regions_map")
+@blp.doc(**_binary_content("application/geo+json", {"type": "object"}))
 @blp.response(
     200,
     description="regions_map.geojson: the regions in the source's map coordinates, CRS named in `crs`",
