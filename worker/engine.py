@@ -95,9 +95,8 @@ def run_inference(
     overlays, overlay_shape = write_overlays(
         out_dir, grid, image, max_side=params.overlay_max_side, weighting=params.weighting
     )
-    georeference = dict(georeference or {})
-    raster = write_raster(out_dir, grid, names, **georeference)
-    regions = write_regions(out_dir, grid, names, params.threshold, **georeference)
+    raster = write_raster(out_dir, grid, names, **(georeference or {}))
+    regions = write_regions(out_dir, grid, names, params.threshold, **(georeference or {}))
     summary = {
         "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
         "model": loaded.name,
