@@ -2,9 +2,9 @@
 QuPath imports (File > Import objects, or drag and drop) and GIS tools read.
 
 Each hot cell stands for its stride x stride square around its window centre (the convention
-of `worker.cell_geometry`); the squares of one class are merged (shapely ``unary_union``) and
-every connected region (4-connected: squares touching only at a corner stay apart) becomes one
-feature::
+of `worker.cell_geometry`); the squares of one class are merged (the outline of the hot cells,
+polygonized by shapely/GEOS) and every connected region (4-connected: squares touching only at
+a corner stay apart) becomes one feature::
 
     {"type": "Feature", "geometry": Polygon,
      "properties": {"objectType": "annotation",
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import shapely
+from scipy import ndimage
 from shapely.affinity import affine_transform
 from shapely.geometry import mapping
 from shapely.geometry.polygon import orient
@@ -56,41 +57,63 @@ PALETTE = (
 )
 
 
-def _runs(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """First and last index of every run of True in a boolean row."""
-    edges = np.diff(np.concatenate(([0], row.astype(np.int8), [0])))
-    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
+def _boundary_lines(hot: np.ndarray) -> np.ndarray:
+    """Unit edges between hot and other cells, in cell-index space (cell (i, j) is the unit
+    square at x = j..j+1, y = i..i+1): the linework that polygonize turns into regions."""
+    padded = np.pad(hot, 1)
+    across_rows = padded[:-1, 1:-1] != padded[1:, 1:-1]  # edge y = i, x = j..j+1
+    across_cols = padded[1:-1, :-1] != padded[1:-1, 1:]  # edge x = j, y = i..i+1
+    hy, hx = np.nonzero(across_rows)
+    vy, vx = np.nonzero(across_cols)
+    starts = np.concatenate([np.stack([hx, hy], 1), np.stack([vx, vy], 1)])
+    ends = np.concatenate([np.stack([hx + 1, hy], 1), np.stack([vx, vy + 1], 1)])
+    return shapely.linestrings(np.stack([starts, ends], 1).astype(np.float64))
+
+
+def _cell_bounds(centres: np.ndarray, stride: int) -> np.ndarray:
+    """Level-0 position of every boundary between cells along one axis: half a stride
+    outside the first and last centres, midway between neighbouring centres (which is
+    centre +- stride / 2 on a regular grid, and splits tiled mode's flush last cell fairly)."""
+    bounds = np.empty(len(centres) + 1)
+    bounds[0], bounds[-1] = centres[0] - stride / 2, centres[-1] + stride / 2
+    bounds[1:-1] = (centres[:-1] + centres[1:]) / 2
+    return bounds
 
 
 def class_regions(grid: ScoreGrid, channel: int, threshold: float) -> list[tuple[shapely.Polygon, dict]]:
     """Connected regions of the cells scoring >= threshold in one score channel, each with its
-    cells' max, mean and count; largest maximum first."""
+    cells' max, mean and count; largest maximum first. Built in cell-index space (integer
+    vertices: exact) by polygonizing the hot cells' outline, then mapped to level-0 pixels."""
     plane = grid.scores[:, :, channel]
     hot = plane >= threshold  # NaN (not computed) compares False
     if not hot.any():
         return []
+    labels, count = ndimage.label(hot)  # 4-connected components: the regions
+    index = np.arange(1, count + 1)
+    cells = ndimage.sum_labels(hot, labels, index)
+    mean = ndimage.mean(plane, labels, index)
+    best = ndimage.maximum(plane, labels, index)
+    faces = shapely.get_parts(shapely.polygonize(_boundary_lines(hot)))
+    inside = shapely.get_coordinates(shapely.point_on_surface(faces)).astype(np.int64)
+    face_labels = labels[inside[:, 1], inside[:, 0]]  # 0: a hole or the outside
+    order = np.argsort(face_labels, kind="stable")[np.count_nonzero(face_labels == 0) :]
+    firsts = np.flatnonzero(np.diff(face_labels[order], prepend=0))  # every label 1..count has a face
+    pieces = np.split(faces[order], firsts[1:])
+    outlines = [piece[0] if len(piece) == 1 else shapely.union_all(piece) for piece in pieces]
+    polygons = shapely.simplify(np.asarray(outlines, dtype=object), 0.0)  # drops collinear vertices
     centre_y, centre_x = cell_centres(grid)
-    half_y, half_x = grid.stride[0] / 2, grid.stride[1] / 2
-    strips = []  # one rectangle per run of hot cells in a row: far fewer shapes than cells
-    for i in np.flatnonzero(hot.any(axis=1)):
-        first, last = _runs(hot[i])
-        strips.append(
-            shapely.box(centre_x[first] - half_x, centre_y[i] - half_y, centre_x[last] + half_x, centre_y[i] + half_y)
-        )
-    merged = shapely.unary_union(np.concatenate(strips))
-    polygons = shapely.simplify(shapely.get_parts(merged), 0.0)  # drops the joins' collinear vertices
-    rows, cols = np.nonzero(hot)
-    values = plane[rows, cols].astype(np.float64)
-    points = shapely.points(centre_x[cols], centre_y[rows])
-    point_index, region_index = shapely.STRtree(polygons).query(points, predicate="within")
-    count = np.bincount(region_index, minlength=len(polygons))
-    total = np.bincount(region_index, weights=values[point_index], minlength=len(polygons))
-    best = np.full(len(polygons), -np.inf)
-    np.maximum.at(best, region_index, values[point_index])
+    bounds_x, bounds_y = _cell_bounds(centre_x, grid.stride[1]), _cell_bounds(centre_y, grid.stride[0])
+
+    def to_pixels(coords: np.ndarray) -> np.ndarray:
+        at = np.rint(coords).astype(np.int64)
+        return np.stack([bounds_x[at[:, 0]], bounds_y[at[:, 1]]], 1)
+
     regions = [
-        (polygon, {"max": float(best[k]), "mean": float(total[k] / count[k]), "cells": int(count[k])})
+        (
+            shapely.transform(polygon, to_pixels),
+            {"max": float(best[k]), "mean": float(mean[k]), "cells": int(cells[k])},
+        )
         for k, polygon in enumerate(polygons)
-        if count[k]
     ]
     return sorted(regions, key=lambda region: -region[1]["max"])
 
