@@ -27,8 +27,6 @@ import numpy as np
 import shapely
 from scipy import ndimage
 from shapely.affinity import affine_transform
-from shapely.geometry import mapping
-from shapely.geometry.polygon import orient
 
 from shared.storage import REGIONS_FILE, REGIONS_MAP_FILE
 from worker.artifacts import write_atomic
@@ -57,16 +55,37 @@ PALETTE = (
 )
 
 
+def _edge_runs(edges: np.ndarray, junctions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Maximal runs of unit edges along each row of `edges` (True = an edge from x to x + 1),
+    broken where `junctions` (same shape) says another edge meets the line at x, so that the
+    linework stays noded for polygonize. Returns (row, first x, last x + 1) of every run."""
+    before = np.zeros_like(edges)
+    before[:, 1:] = edges[:, :-1]
+    starts = edges & (~before | junctions)
+    rows, cols = np.nonzero(edges)
+    run = np.cumsum(starts[rows, cols]) - 1
+    firsts = np.flatnonzero(np.diff(run, prepend=-1))
+    lasts = np.append(firsts[1:], len(run)) - 1
+    return rows[firsts], cols[firsts], cols[lasts] + 1
+
+
 def _boundary_lines(hot: np.ndarray) -> np.ndarray:
-    """Unit edges between hot and other cells, in cell-index space (cell (i, j) is the unit
-    square at x = j..j+1, y = i..i+1): the linework that polygonize turns into regions."""
+    """The outline between hot and other cells in cell-index space (cell (i, j) is the unit
+    square x = j..j+1, y = i..i+1) as straight segments, noded where four edges meet (two
+    hot cells touching at a corner): the linework that polygonize turns into regions."""
     padded = np.pad(hot, 1)
-    across_rows = padded[:-1, 1:-1] != padded[1:, 1:-1]  # edge y = i, x = j..j+1
-    across_cols = padded[1:-1, :-1] != padded[1:-1, 1:]  # edge x = j, y = i..i+1
-    hy, hx = np.nonzero(across_rows)
-    vy, vx = np.nonzero(across_cols)
-    starts = np.concatenate([np.stack([hx, hy], 1), np.stack([vx, vy], 1)])
-    ends = np.concatenate([np.stack([hx + 1, hy], 1), np.stack([vx, vy + 1], 1)])
+    across_rows = padded[:-1, 1:-1] != padded[1:, 1:-1]  # (h + 1, w): edge y = i, x = j..j+1
+    across_cols = padded[1:-1, :-1] != padded[1:-1, 1:]  # (h, w + 1): edge x = j, y = i..i+1
+    vertical_at = np.zeros((hot.shape[0] + 1, hot.shape[1] + 1), dtype=bool)  # a vertical edge ends at (x, y)
+    vertical_at[:-1] |= across_cols
+    vertical_at[1:] |= across_cols
+    horizontal_at = np.zeros_like(vertical_at)  # a horizontal edge ends at (x, y)
+    horizontal_at[:, :-1] |= across_rows
+    horizontal_at[:, 1:] |= across_rows
+    y, x0, x1 = _edge_runs(across_rows, vertical_at[:, :-1])
+    x, y0, y1 = _edge_runs(across_cols.T, horizontal_at.T[:, :-1])
+    starts = np.concatenate([np.stack([x0, y], 1), np.stack([x, y0], 1)])
+    ends = np.concatenate([np.stack([x1, y], 1), np.stack([x, y1], 1)])
     return shapely.linestrings(np.stack([starts, ends], 1).astype(np.float64))
 
 
@@ -89,10 +108,11 @@ def class_regions(grid: ScoreGrid, channel: int, threshold: float) -> list[tuple
     if not hot.any():
         return []
     labels, count = ndimage.label(hot)  # 4-connected components: the regions
-    index = np.arange(1, count + 1)
-    cells = ndimage.sum_labels(hot, labels, index)
-    mean = ndimage.mean(plane, labels, index)
-    best = ndimage.maximum(plane, labels, index)
+    members, values = labels[hot] - 1, plane[hot].astype(np.float64)
+    cells = np.bincount(members, minlength=count)
+    mean = np.bincount(members, weights=values, minlength=count) / cells
+    best = np.full(count, -np.inf)
+    np.maximum.at(best, members, values)
     faces = shapely.get_parts(shapely.polygonize(_boundary_lines(hot)))
     inside = shapely.get_coordinates(shapely.point_on_surface(faces)).astype(np.int64)
     face_labels = labels[inside[:, 1], inside[:, 0]]  # 0: a hole or the outside
@@ -100,7 +120,7 @@ def class_regions(grid: ScoreGrid, channel: int, threshold: float) -> list[tuple
     firsts = np.flatnonzero(np.diff(face_labels[order], prepend=0))  # every label 1..count has a face
     pieces = np.split(faces[order], firsts[1:])
     outlines = [piece[0] if len(piece) == 1 else shapely.union_all(piece) for piece in pieces]
-    polygons = shapely.simplify(np.asarray(outlines, dtype=object), 0.0)  # drops collinear vertices
+    polygons = np.asarray(outlines, dtype=object)
     centre_y, centre_x = cell_centres(grid)
     bounds_x, bounds_y = _cell_bounds(centre_x, grid.stride[1]), _cell_bounds(centre_y, grid.stride[0])
 
@@ -121,7 +141,7 @@ def class_regions(grid: ScoreGrid, channel: int, threshold: float) -> list[tuple
 def _feature(polygon, name: str, colour, measurements: dict) -> dict:
     return {
         "type": "Feature",
-        "geometry": mapping(orient(polygon, sign=1.0)),
+        "geometry": json.loads(shapely.to_geojson(shapely.orient_polygons(polygon))),  # exterior counterclockwise
         "properties": {
             "objectType": "annotation",
             "classification": {"name": name, "color": list(colour)},
