@@ -91,4 +91,7 @@ def test_openapi_documents_the_routes_and_the_threshold(client, path, content_ty
     document = client.get("/api/v1/openapi.json").json
     assert content_type in document["paths"][path]["get"]["responses"]["200"]["content"]
     body = document["paths"]["/api/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]
-    assert body["schema"]["properties"]["threshold"]["type"] == "number"
+    schema = body["schema"]
+    if "$ref" in schema:
+        schema = document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    assert schema["properties"]["threshold"]["type"] == "number"
