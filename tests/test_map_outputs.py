@@ -102,6 +102,10 @@ def test_tiled_grids_with_a_flush_last_column_keep_true_centres(tmp_path):
     assert region.is_valid
     assert region.equals(shapely.box(96 - 16, 32 - 16, 102 + 16, 64 + 16))  # centres 96 and 102
     assert found["properties"]["measurements"]["cells"] == 4
+    grid.scores[:, 2, 0] = 0.1  # only the flush column: its square starts midway between the centres
+    write_regions(tmp_path, grid, ["x"], 0.5)
+    (found,) = features(tmp_path / "regions.geojson")
+    assert shape(found["geometry"]).equals(shapely.box((96 + 102) / 2, 32 - 16, 102 + 16, 64 + 16))
 
 
 def test_map_regions_carry_the_crs_and_map_coordinates(tmp_path):

@@ -6,7 +6,8 @@ its window's centre, ``(col + window_w / 2, row + window_h / 2)``, and a cell st
 stride x stride square centred there: on a regular grid these squares tile the scanned area
 without gaps or overlaps, so a cell's square is the area whose nearest window centre it is.
 Tiled mode pulls its last row and column flush with the image border; those cells keep their
-true centres here (their squares overlap the previous ones), while the raster, being a
+true centres in the regions (the boundary to the previous cell lies midway between the two
+centres: the same nearest-centre rule), while the raster, being a
 regular grid, puts them one stride after the previous row or column.
 
 The source's georeference comes as plain values (a GDAL geotransform of level-0 pixels, a
