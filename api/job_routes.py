@@ -67,6 +67,7 @@ def represent(job: Job) -> dict:
             "heatmap_url": url_for("jobs.heatmap", job_id=job.id),
             "summary_url": url_for("jobs.summary", job_id=job.id),
         }
+        result |= _map_output_links(job)
     return {
         "id": job.id,
         "status": job.status,
@@ -91,6 +92,19 @@ def represent(job: Job) -> dict:
         "retry_of": job.retry_of,
         "url": job_url(job.id),
     }
+
+
+def _map_output_links(job: Job) -> dict:
+    """Links to heatmap.tif and the regions, for jobs whose worker wrote them."""
+    artifacts = job.result.get("artifacts", {})
+    links = {}
+    if "raster" in artifacts:
+        links["raster_url"] = url_for("jobs.raster", job_id=job.id)
+    if "regions" in artifacts:
+        links["regions_url"] = url_for("jobs.regions", job_id=job.id)
+    if "regions_map" in artifacts:
+        links["regions_map_url"] = url_for("jobs.regions_map", job_id=job.id)
+    return links
 
 
 def poll_headers(job: Job, headers: dict | None = None) -> dict:
@@ -272,3 +286,46 @@ def summary(job_id):
 def overlay(job_id, class_name):
     """Download one class's overlay PNG (by class name, as listed in the result)."""
     return _artifact(job_id, lambda a: a["overlays"].get(class_name))
+
+
+@blp.route("/<string:job_id>/raster", endpoint="raster")
+@blp.doc(
+    **download_doc(
+        "getRaster",
+        "tif",
+        "heatmap.tif: tiled pyramidal float32 TIFF, one band per selected class, NaN = not computed;"
+        " a GeoTIFF in the source's CRS for georeferenced input",
+    )
+)
+def raster(job_id):
+    """Download the score maps as a tiled, pyramidal (Geo)TIFF (QGIS, GDAL, QuPath)."""
+    return _artifact(job_id, lambda a: a.get("raster"))
+
+
+@blp.route("/<string:job_id>/regions", endpoint="regions")
+@blp.doc(
+    **download_doc(
+        "getRegions",
+        "geojson",
+        "regions.geojson: per class, regions of cells at or above the threshold as QuPath annotations"
+        " (level-0 pixel coordinates)",
+        {"type": "object"},
+    )
+)
+def regions(job_id):
+    """Download the regions at or above the job's threshold (QuPath: File > Import objects)."""
+    return _artifact(job_id, lambda a: a.get("regions"))
+
+
+@blp.route("/<string:job_id>/regions/map", endpoint="regions_map")
+@blp.doc(
+    **download_doc(
+        "getRegionsMap",
+        "geojson",
+        "regions_map.geojson: the regions in the source's map coordinates, CRS named in `crs`",
+        {"type": "object"},
+    )
+)
+def regions_map(job_id):
+    """Download the regions in map coordinates (georeferenced input only; 404 otherwise)."""
+    return _artifact(job_id, lambda a: a.get("regions_map"))

@@ -109,6 +109,11 @@ class ResultSchema(ma.Schema):
     timings = ma.fields.Nested(TimingsSchema, required=True)
     heatmap_url = ma.fields.String(required=True)
     summary_url = ma.fields.String(required=True)
+    raster_url = ma.fields.String(metadata={"description": "heatmap.tif (image/tiff)"})
+    regions_url = ma.fields.String(metadata={"description": "regions.geojson (application/geo+json)"})
+    regions_map_url = ma.fields.String(
+        metadata={"description": "regions_map.geojson, georeferenced input only (application/geo+json)"}
+    )
 
 
 class JobSchema(ma.Schema):
@@ -261,7 +266,7 @@ def _form_field(field: FormField) -> ma.fields.Field:
         validators.append(ma.validate.Range(min=field.minimum))
     if field.maximum_setting is not None:
         validators.append(SettingMaximum(field.maximum_setting))
-    kind = ma.fields.Integer if field.type == "integer" else ma.fields.String
+    kind = {"integer": ma.fields.Integer, "number": ma.fields.Float}.get(field.type, ma.fields.String)
     return kind(validate=validators, metadata=metadata)
 
 

@@ -24,6 +24,7 @@ MASKS = ("none", "auto", "image")
 MAX_LEVEL = 63
 DEFAULT_TOP_K = 3
 DEFAULT_BATCH_SIZE = 32
+DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class FormField:
     The API's OpenAPI request body and the CLI's flags are generated from `FORM_FIELDS`."""
 
     name: str
-    type: str  # JSON Schema type: "string" or "integer"
+    type: str  # JSON Schema type: "string", "integer" or "number"
     description: str
     choices: tuple[str, ...] | None = None
     default: Any = None
@@ -80,6 +81,9 @@ FORM_FIELDS: tuple[FormField, ...] = (
         "(a mask picture sent as the file field `mask_image`)",
     ),
     FormField("image_url", "string", "instead of an upload: an fsspec URL under the service's INPUT_URL_PREFIXES"),
+    FormField(
+        "threshold", "number", "regions.geojson: cells scoring at or above this form regions", default=DEFAULT_THRESHOLD
+    ),
 )
 FORM_FIELD_NAMES = frozenset(field.name for field in FORM_FIELDS)
 
@@ -107,6 +111,7 @@ class JobParams:
     mask: str | None = None  # none | auto | image; None: auto for slides, none otherwise
     mask_min_fraction: float = 0.25  # windows with less of their area in the mask are not computed
     image_url: str | None = None  # input by reference (checked against INPUT_URL_PREFIXES)
+    threshold: float = DEFAULT_THRESHOLD  # regions.geojson: cells scoring at or above this
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -134,6 +139,19 @@ def _integer(name: str, value: Any, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ParameterError("invalid_parameter", f"{name} must be between {low} and {high}, got {value}")
     return value
+
+
+def _threshold(value: Any) -> float:
+    """Any finite number: scores need not be probabilities (a user model may output logits)."""
+    if value in (None, ""):
+        return DEFAULT_THRESHOLD
+    try:
+        number = float(value) if not isinstance(value, str) or len(value) <= 40 else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ParameterError("invalid_parameter", "threshold must be a finite number")
+    return number
 
 
 def _class_list(value: Any) -> list[str | int]:
@@ -201,6 +219,7 @@ def validate_params(
         mask=_mask(raw.get("mask")),
         mask_min_fraction=mask_min_fraction,
         image_url=(raw.get("image_url") or None),
+        threshold=_threshold(raw.get("threshold")),
     )
 
 

@@ -23,6 +23,9 @@ from fsspec.implementations.local import LocalFileSystem
 # --- storage keys: the one place they are built ------------------------------------------
 HEATMAP_FILE = "heatmap.npz"
 SUMMARY_FILE = "summary.json"
+RASTER_FILE = "heatmap.tif"  # tiled pyramidal (Geo)TIFF of the score grid
+REGIONS_FILE = "regions.geojson"  # regions at or above the threshold, level-0 pixels (QuPath)
+REGIONS_MAP_FILE = "regions_map.geojson"  # the same regions in the source's map CRS (georeferenced input)
 
 
 def upload_prefix(job_id: str) -> str:
@@ -50,16 +53,22 @@ def overlay_filename(class_index: int) -> str:
     return f"overlay_{int(class_index)}.png"
 
 
-def artifact_keys(job_id: str, classes: Iterable[tuple[str, int]]) -> dict:
+def artifact_keys(job_id: str, classes: Iterable[tuple[str, int]], *, map_regions: bool = False) -> dict:
     """Keys of every artifact of a succeeded job, as stored in its row's ``result``:
-    ``{"heatmap", "summary", "overlays": {class name: key}}`` for (name, index) pairs."""
+    ``{"heatmap", "summary", "raster", "regions", "overlays": {class name: key}}`` for
+    (name, index) pairs, plus ``"regions_map"`` when the input was georeferenced."""
     prefix = results_prefix(job_id)
-    return {
+    keys = {
         "heatmap": f"{prefix}/{HEATMAP_FILE}",
         "summary": f"{prefix}/{SUMMARY_FILE}",
+        "raster": f"{prefix}/{RASTER_FILE}",
+        "regions": f"{prefix}/{REGIONS_FILE}",
         "overlays": {name: f"{prefix}/{overlay_filename(index)}" for name, index in classes},
         "viewer": viewer_key(job_id),
     }
+    if map_regions:
+        keys["regions_map"] = f"{prefix}/{REGIONS_MAP_FILE}"
+    return keys
 
 
 # --- viewer (Deep Zoom) keys ---

@@ -90,7 +90,7 @@ def test_infer_tiled_subprocess(files, tmp_path):
     assert len(printed["classes"]) == 2
     names = sorted(p.name for p in out.iterdir())
     overlays = sorted(f"overlay_{c['index']}.png" for c in printed["classes"])
-    assert names == sorted(["heatmap.npz", "summary.json", *overlays])
+    assert names == sorted(["heatmap.npz", "summary.json", "heatmap.tif", "regions.geojson", *overlays])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "tiled"
     assert summary["grid"]["stride"] == {"y": 8, "x": 8}

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -31,6 +32,8 @@ from worker.inference_plan import (
     window_keeper,
 )
 from worker.model_registry import LoadedModel, ModelRegistry
+from worker.raster_output import write_raster
+from worker.regions_output import write_regions
 from worker.tiled import tiled_inference
 
 
@@ -87,13 +90,16 @@ def run_inference(
     mask_image: str | Path | None = None,
     progress: ProgressFn | None = None,
     viewer: bool = False,
+    georeference: Mapping[str, Any] | None = None,
 ) -> dict:
     """Compute heatmaps for one image and write them to `out_dir`; returns the summary.
     `viewer`: also write the web viewer's Deep Zoom pyramids (`viewer/`; the service does).
 
     `image_source` is a path, an fsspec URL or a binary stream; it is opened as an
     ImageSource and read region by region. `mask_image` is an uploaded mask (params.mask
-    "image"). Raises ``shared.imageio.ImageError`` for bad images, ``shared.catalog.CatalogError``
+    "image"). `georeference` (keys ``geotransform``, ``crs_wkt``, ``epsg``, ``mpp``: level-0
+    pixels) overrides what the source states; it places ``heatmap.tif`` and the regions on the
+    map. Raises ``shared.imageio.ImageError`` for bad images, ``shared.catalog.CatalogError``
     for unknown models, and whatever `progress` raises (e.g. a cancellation).
     """
     out_dir = Path(out_dir)
@@ -116,12 +122,34 @@ def run_inference(
             "grid": _grid_summary(grid),
             "mask": mask_summary(grid, mask, mask_mode, params.mask_min_fraction),
         }
+        place = dict(georeference) if georeference is not None else georeference_of(info)
         summary |= _write_outputs(out_dir, grid, source, raster, params, loaded, viewer)
+        summary |= _write_map_outputs(out_dir, grid, loaded, params, place)
     timings["write_s"] = time.perf_counter() - clock
     timings["total_s"] = time.perf_counter() - started
     summary["timings"] = {key: round(value, 4) for key, value in timings.items()}
     write_summary(out_dir, summary)
     return summary
+
+
+def georeference_of(info) -> dict:
+    """Where the source lies, as the map writers take it: GeoTIFF placement and microns per pixel."""
+    geo = info.georeference
+    return {
+        "geotransform": geo.geotransform if geo is not None else None,
+        "crs_wkt": geo.wkt if geo is not None else None,
+        "epsg": geo.epsg if geo is not None else None,
+        "mpp": info.mpp,
+    }
+
+
+def _write_map_outputs(out_dir: Path, grid: ScoreGrid, loaded: LoadedModel, params: JobParams, place: dict) -> dict:
+    """heatmap.tif and regions.geojson (plus regions_map.geojson for a georeferenced source)."""
+    names = [loaded.info.classes[int(i)] for i in grid.class_indices]
+    return {
+        "raster": write_raster(out_dir, grid, names, **place),
+        "regions": write_regions(out_dir, grid, names, params.threshold, **place),
+    }
 
 
 def _write_outputs(

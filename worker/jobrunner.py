@@ -232,7 +232,8 @@ def _compute_and_store(
     prefix = results_prefix(job_id)
     with_retries(settings, lambda: storage.put_dir(prefix, out_dir), "store artifacts")
     classes = [(c["name"], c["index"]) for c in summary["classes"]]
-    result = {"summary": summary, "artifacts": artifact_keys(job_id, classes)}
+    map_regions = bool(summary.get("regions", {}).get("map_file"))
+    result = {"summary": summary, "artifacts": artifact_keys(job_id, classes, map_regions=map_regions)}
 
     def _commit():
         with session_scope(settings.resolved_database_url) as session:
