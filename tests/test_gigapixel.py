@@ -389,3 +389,33 @@ def test_input_url_rules():
     with pytest.raises(InputError) as exc:
         check_input_url("s3://slides/in/a.svs", [])
     assert exc.value.code == "image_url_disabled"
+
+
+def test_geotiff_input_places_the_map_outputs(registry, tmp_path):
+    """A GeoTIFF's own georeference reaches heatmap.tif and regions_map.geojson (no override)."""
+    import rasterio
+
+    image, objects = generate_scene(384, 320, n_objects=2, seed=5)
+    path = tmp_path / "scene_map.tif"
+    write_geotiff(path, image, origin=(500000.0, 4200000.0), pixel_size=2.0, epsg=32633)
+    params = _params(registry, mode="tiled", stride=16)
+    summary = run_inference(path, params, registry, tmp_path / "out", max_pixels=MAX_PIXELS)
+    assert summary["regions"]["map_file"]
+    with rasterio.open(tmp_path / "out" / "heatmap.tif") as raster:
+        assert raster.crs.to_epsg() == 32633
+        with np.load(tmp_path / "out" / "heatmap.npz") as data:
+            rows, cols, window = data["rows"], data["cols"], data["window"]
+        # the first cell's raster pixel centre is its window centre, mapped through the source's transform
+        x, y = raster.xy(0, 0)
+        assert x == pytest.approx(500000.0 + 2.0 * (cols[0] + window[1] / 2))
+        assert y == pytest.approx(4200000.0 - 2.0 * (rows[0] + window[0] / 2))
+    regions = json.loads((tmp_path / "out" / "regions_map.geojson").read_text())
+    assert "32633" in json.dumps(regions.get("crs"))
+    from shapely.geometry import Point, shape
+
+    for obj in objects:  # each object's centre, on the map, lies in a region of its class
+        centre = Point(500000.0 + 2.0 * obj.center[0], 4200000.0 - 2.0 * obj.center[1])
+        mine = [
+            shape(f["geometry"]) for f in regions["features"] if f["properties"]["classification"]["name"] == obj.label
+        ]
+        assert any(region.contains(centre) for region in mine), obj
