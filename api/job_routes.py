@@ -13,7 +13,7 @@ from api.auth import authenticate
 from api.error_handlers import ApiError
 from api.job_submission import Submission, submit_job
 from api.schemas import SUBMIT_REQUEST_BODY, JobListQuerySchema, JobListSchema, JobSchema
-from shared import job_store
+from shared import job_metrics, job_store
 from shared.database import session_scope
 from shared.job_status import JobStatus
 from shared.jobspec import FORM_FIELD_NAMES
@@ -77,6 +77,22 @@ def represent(job: Job) -> dict:
         "error": {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
         "result": result,
         "url": job_url(job.id),
+        "webhook": _webhook(job),
+    }
+
+
+def _webhook(job: Job) -> dict | None:
+    """The delivery record of a job with a callback_url (state None: not attempted yet)."""
+    if not job.callback_url:
+        return None
+    return {
+        "url": job.callback_url,
+        "state": job.webhook_state,
+        "attempts": job.webhook_attempts or 0,
+        "last_status": job.webhook_last_status,
+        "last_error": job.webhook_last_error,
+        "last_attempt_at": job.webhook_last_at,
+        "next_attempt_at": job.webhook_next_at,
     }
 
 
@@ -171,6 +187,7 @@ class JobResource(MethodView):
             job = _load_job(session, job_id)
             if job_store.cancel(session, job.id):
                 session.commit()
+                job_metrics.count_outcome(_ctx().settings, JobStatus.canceled)
                 session.refresh(job)
                 return represent(job), 202
         with _db() as session:
@@ -197,7 +214,11 @@ def _artifact(job_id: str, pick):
         if not local.is_file():
             raise ApiError(404, "not_found", "the artifact is gone (retention)")
         return send_file(local, mimetype=mimetype, download_name=key.rsplit("/", 1)[1], max_age=0)
-    return Response(stream_with_context(storage.iter_chunks(key)), mimetype=mimetype)
+    try:
+        chunks = storage.iter_chunks(key)
+    except FileNotFoundError:
+        raise ApiError(404, "not_found", "the artifact is gone (retention)") from None
+    return Response(stream_with_context(chunks), mimetype=mimetype)
 
 
 @blp.route("/<string:job_id>/heatmap", endpoint="heatmap")

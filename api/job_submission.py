@@ -25,6 +25,7 @@ from shared.jobspec import validate_params
 from shared.queue import send_job
 from shared.storage import StorageError, upload_key, upload_prefix
 from shared.tables import Job, new_job_id
+from shared.webhook_signing import check_destination
 
 log = logging.getLogger("heatmaps.api")
 
@@ -63,6 +64,9 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
         max_top_k=settings.max_top_k,
         memory_budget_mb=settings.memory_budget_mb,
     )
+    callback_url = submission.form.get("callback_url") or None
+    if callback_url is not None:
+        check_destination(callback_url, settings)  # 400 invalid_callback_url (SSRF guard)
     image = probe_image(submission.image, max_pixels=settings.max_image_pixels, min_size=info.input_size)
     _check_limits(ctx, submission.owner)
 
@@ -89,6 +93,7 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
         image_height=image.height,
         image_sha256=digest,
         image_bytes=size,
+        callback_url=callback_url,
     )
     winner = _insert(ctx, job, submission)
     if winner is not None:

@@ -7,6 +7,7 @@ import marshmallow as ma
 
 from shared.job_status import JobStatus
 from shared.jobspec import FORM_FIELDS, FormField
+from shared.webhook_store import WebhookState
 
 STATUSES = [status.value for status in JobStatus]
 
@@ -49,6 +50,20 @@ class ResultSchema(ma.Schema):
     summary_url = ma.fields.String(required=True)
 
 
+class WebhookSchema(ma.Schema):
+    url = ma.fields.String(required=True)
+    state = ma.fields.String(
+        allow_none=True,
+        validate=ma.validate.OneOf([state.value for state in WebhookState]),
+        metadata={"description": "null until the first attempt"},
+    )
+    attempts = ma.fields.Integer(required=True)
+    last_status = ma.fields.Integer(allow_none=True, metadata={"description": "HTTP status of the last attempt"})
+    last_error = ma.fields.String(allow_none=True)
+    last_attempt_at = ma.fields.DateTime(allow_none=True)
+    next_attempt_at = ma.fields.DateTime(allow_none=True)
+
+
 class JobSchema(ma.Schema):
     id = ma.fields.String(required=True)
     status = ma.fields.String(required=True, validate=ma.validate.OneOf(STATUSES))
@@ -65,6 +80,7 @@ class JobSchema(ma.Schema):
     error = ma.fields.Nested(JobErrorSchema, allow_none=True)
     result = ma.fields.Nested(ResultSchema, allow_none=True)
     url = ma.fields.String(required=True)
+    webhook = ma.fields.Nested(WebhookSchema, allow_none=True, metadata={"description": "deliveries to callback_url"})
 
 
 class JobListSchema(ma.Schema):

@@ -30,6 +30,7 @@ class FormField:
     choices: tuple[str, ...] | None = None
     default: Any = None
     minimum: int | None = None
+    api_only: bool = False  # a service option (not an inference parameter): no CLI flag
 
 
 FORM_FIELDS: tuple[FormField, ...] = (
@@ -40,6 +41,12 @@ FORM_FIELDS: tuple[FormField, ...] = (
     FormField("top_k", "integer", "keep the classes with the highest maxima", default=DEFAULT_TOP_K, minimum=1),
     FormField("classes", "string", "comma-separated class names or indices (instead of top_k)"),
     FormField("weighting", "string", "blending of overlapping windows in the overlays", WEIGHTINGS, "mean"),
+    FormField(
+        "callback_url",
+        "string",
+        "webhook: POSTed the signed job JSON when the job finishes (hosts allowed by WEBHOOK_ALLOWED_HOSTS)",
+        api_only=True,
+    ),
 )
 FORM_FIELD_NAMES = frozenset(field.name for field in FORM_FIELDS)
 

@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("image")
     exclusive = infer.add_mutually_exclusive_group()  # top_k or classes
     for field in FORM_FIELDS:
+        if field.api_only:
+            continue
         target = exclusive if field.name in ("top_k", "classes") else infer
         help_text = field.description
         if field.name == "model":
@@ -79,7 +81,7 @@ def _infer(args: argparse.Namespace, settings, registry) -> int:
     from worker.engine import run_inference
     from worker.model_registry import ModelUnavailableError
 
-    raw = {field.name: getattr(args, field.name) for field in FORM_FIELDS}
+    raw = {field.name: getattr(args, field.name) for field in FORM_FIELDS if not field.api_only}
     raw["memory_budget_mb"] = args.memory_budget_mb
     bar = None
     try:
