@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import urllib3
 
@@ -135,6 +135,8 @@ class WebhookSender:
             if job is None:
                 return None  # deleted meanwhile: nothing to tell
             callback, finished, payload = job.callback_url, job.finished_at, job_payload(job)
+        if finished is not None and finished.tzinfo is None:  # SQLite drops the zone
+            finished = finished.replace(tzinfo=UTC)
         body = json.dumps(payload, separators=(",", ":")).encode()
         headers = {
             "Content-Type": "application/json",
