@@ -88,6 +88,8 @@ def observe_job_end(settings: Settings, job_id: str, token: str) -> None:
         job = job_store.get_job(session, job_id)
         if job is None or job.claim_token != token or job.status not in (JobStatus.succeeded, JobStatus.failed):
             return
+        if job.error_code == "worker_lost":  # failed by the reconciler, which counted it
+            return
         status, mode = JobStatus(job.status), job.mode
         duration = (job.finished_at - job.started_at).total_seconds() if job.started_at and job.finished_at else None
         tiles, seconds = job.units_total, job.inference_seconds
