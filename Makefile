@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format serve bench bench-engine bench-service install migrate train-shapes clean
+.PHONY: demo test lint format system-packages serve bench bench-engine bench-service install migrate train-shapes clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ demo: install
 	$(PY) scripts/devstack.py demo
 
 ## Lint (ruff check + format --check), then the whole test suite (PostgreSQL too when TEST_DATABASE_URL is set).
-test: lint
+test: lint system-packages
 	$(VENV)/bin/pytest
+
+## Debian packages the tests run as real processes (scripts/system-packages.txt), if missing.
+system-packages:
+	bash scripts/install-system-packages.sh
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,4 @@
-"""/api/v1/jobs: submit an image, poll a job, list jobs, download artifacts, cancel/delete."""
+"""/api/v1/jobs: submit an image, poll a job, list jobs, download artifacts, cancel/delete, retry."""
 
 from __future__ import annotations
 
@@ -11,17 +11,28 @@ from flask_smorest import Blueprint
 
 from api.auth import authenticate
 from api.error_handlers import ApiError
-from api.job_submission import Submission, submit_job
-from api.schemas import SUBMIT_REQUEST_BODY, JobListQuerySchema, JobListSchema, JobSchema
+from api.job_submission import Submission, retry_job, submit_job
+from api.multipart_form import MultipartParser
+from api.schemas import (
+    IMAGE_FIELD,
+    RETRY_AFTER_HEADER,
+    JobListQuerySchema,
+    JobListSchema,
+    JobSchema,
+    SubmitSchema,
+    SummarySchema,
+    download_doc,
+    media_type,
+)
 from shared import job_metrics, job_store
 from shared.database import session_scope
-from shared.job_status import JobStatus
-from shared.jobspec import FORM_FIELD_NAMES
+from shared.job_status import ACTIVE, JobStatus
 from shared.tables import Job
 
 log = logging.getLogger("heatmaps.api")
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Heatmap jobs")
 blp.before_request(authenticate)
+blp.ARGUMENTS_PARSER = MultipartParser()  # the submission form and its file parsed by one schema
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -76,6 +87,7 @@ def represent(job: Job) -> dict:
         },
         "error": {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
         "result": result,
+        "retry_of": job.retry_of,
         "url": job_url(job.id),
         "webhook": _webhook(job),
     }
@@ -96,6 +108,14 @@ def _webhook(job: Job) -> dict | None:
     }
 
 
+def poll_headers(job: Job, headers: dict | None = None) -> dict:
+    """Retry-After on every answer about a job that has not finished yet."""
+    headers = dict(headers or {})
+    if job.status in ACTIVE:
+        headers["Retry-After"] = str(_ctx().settings.poll_retry_after_s)
+    return headers
+
+
 def _load_job(session, job_id: str) -> Job:
     job = job_store.get_job(session, job_id, owner=g.owner) if JOB_ID_RE.match(job_id) else None
     if job is None:
@@ -103,39 +123,16 @@ def _load_job(session, job_id: str) -> Job:
     return job
 
 
-def _read_submission() -> Submission:
-    """The request's shape: one image part, known form fields each given once, a sane
-    Idempotency-Key. Parameter values are checked by `submit_job`."""
-    image = _single_image()
+def _idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= 200):
         raise ApiError(400, "invalid_parameter", "Idempotency-Key must be 1 to 200 characters")
-    return Submission(owner=g.owner, form=request.form, image=image.stream, idempotency_key=key or None)
-
-
-def _single_image():
-    if not (request.mimetype or "").startswith("multipart/form-data"):
-        raise ApiError(415, "unsupported_media_type", "send the image as multipart/form-data with an 'image' field")
-    files = request.files  # parses the body; werkzeug enforces the size, field and part limits (413)
-    unexpected = [name for name in files if name != "image"]
-    if unexpected:
-        raise ApiError(400, "unexpected_field", f"unexpected file field {str(unexpected[0])[:50]!r}")
-    images = files.getlist("image")
-    if not images:
-        raise ApiError(400, "missing_image", "the 'image' file field is required")
-    if len(images) > 1:
-        raise ApiError(400, "multiple_images", "send exactly one 'image' per job")
-    unknown = [name for name in request.form if name not in FORM_FIELD_NAMES]
-    if unknown:
-        raise ApiError(400, "unexpected_field", f"unknown form field {str(unknown[0])[:50]!r}")
-    for name in request.form:
-        if len(request.form.getlist(name)) > 1:
-            raise ApiError(400, "invalid_parameter", f"form field {name!r} given more than once")
-    return images[0]
+    return key or None
 
 
 @blp.route("")
 class Jobs(MethodView):
+    @blp.doc(operationId="listJobs")
     @blp.arguments(JobListQuerySchema, location="query")
     @blp.response(200, JobListSchema)
     def get(self, query):
@@ -151,7 +148,7 @@ class Jobs(MethodView):
             return {"jobs": [represent(job) for job in page.jobs], "next_cursor": page.next_cursor}
 
     @blp.doc(
-        requestBody=SUBMIT_REQUEST_BODY,
+        operationId="submitJob",
         parameters=[
             {
                 "in": "header",
@@ -162,23 +159,37 @@ class Jobs(MethodView):
             }
         ],
     )
-    @blp.response(202, JobSchema, description="accepted; poll the Location")
-    @blp.alt_response(200, schema=JobSchema, description="an earlier job with the same Idempotency-Key")
-    def post(self):
-        """Submit an image for heatmaps (multipart/form-data)."""
-        outcome = submit_job(_ctx(), _read_submission())
+    @blp.arguments(SubmitSchema, location="files", error_status_code=400)
+    @blp.response(202, JobSchema, description="accepted; poll the Location", headers=RETRY_AFTER_HEADER)
+    @blp.alt_response(
+        200,
+        schema=JobSchema,
+        description="an earlier job with the same Idempotency-Key and the same request",
+        headers=RETRY_AFTER_HEADER,
+    )
+    def post(self, form):
+        """Submit an image for heatmaps (multipart/form-data).
+
+        Reusing an Idempotency-Key with other parameters or another image is refused with
+        422 `idempotency_conflict`."""
+        image = form.pop(IMAGE_FIELD)
+        submission = Submission(owner=g.owner, form=form, image=image.stream, idempotency_key=_idempotency_key())
+        outcome = submit_job(_ctx(), submission)
         job = outcome.job
-        return represent(job), 202 if outcome.created else 200, {"Location": job_url(job.id)}
+        return represent(job), 202 if outcome.created else 200, poll_headers(job, {"Location": job_url(job.id)})
 
 
 @blp.route("/<string:job_id>", endpoint="Job")
 class JobResource(MethodView):
-    @blp.response(200, JobSchema)
+    @blp.doc(operationId="getJob")
+    @blp.response(200, JobSchema, headers=RETRY_AFTER_HEADER)
     def get(self, job_id):
         """Status, progress, and when succeeded the result with artifact links."""
         with _db() as session:
-            return represent(_load_job(session, job_id))
+            job = _load_job(session, job_id)
+            return represent(job), 200, poll_headers(job)
 
+    @blp.doc(operationId="deleteJob")
     @blp.response(202, JobSchema, description="cancel requested: the job is canceled")
     @blp.alt_response(204, description="a finished job: deleted with its files")
     def delete(self, job_id):
@@ -207,9 +218,7 @@ def _artifact(job_id: str, pick):
         raise ApiError(404, "not_found", "no such artifact")
     storage = _ctx().storage
     local = storage.local_path(key)
-    mimetype = {"npz": "application/octet-stream", "json": "application/json", "png": "image/png"}[
-        key.rsplit(".", 1)[1]
-    ]
+    mimetype = media_type(key)
     if local is not None:
         if not local.is_file():
             raise ApiError(404, "not_found", "the artifact is gone (retention)")
@@ -221,11 +230,28 @@ def _artifact(job_id: str, pick):
     return Response(stream_with_context(chunks), mimetype=mimetype)
 
 
-@blp.route("/<string:job_id>/heatmap", endpoint="heatmap")
+@blp.route("/<string:job_id>/retry", methods=["POST"], endpoint="retry")
+@blp.doc(operationId="retryJob")
 @blp.response(
-    200,
-    description="heatmap.npz: scores (rows, cols, classes), classes, rows, cols, window, stride",
-    content_type="application/octet-stream",
+    202, JobSchema, description="a new job on a copy of the same input; poll its Location", headers=RETRY_AFTER_HEADER
+)
+@blp.alt_response(
+    200, schema=JobSchema, description="the job was retried before: that retry", headers=RETRY_AFTER_HEADER
+)
+def retry(job_id):
+    """Retry a failed or canceled job: a new job linked by `retry_of` (409 for other states)."""
+    if not JOB_ID_RE.match(job_id):
+        raise ApiError(404, "not_found", "no such job")
+    outcome = retry_job(_ctx(), g.owner, job_id)
+    job = outcome.job
+    return represent(job), 202 if outcome.created else 200, poll_headers(job, {"Location": job_url(job.id)})
+
+
+@blp.route("/<string:job_id>/heatmap", endpoint="heatmap")
+@blp.doc(
+    **download_doc(
+        "getHeatmap", "npz", "heatmap.npz: scores (rows, cols, classes), classes, rows, cols, window, stride"
+    )
 )
 def heatmap(job_id):
     """Download the score grid as a NumPy .npz."""
@@ -233,14 +259,14 @@ def heatmap(job_id):
 
 
 @blp.route("/<string:job_id>/summary", endpoint="summary")
-@blp.response(200, description="summary.json", content_type="application/json")
+@blp.doc(**download_doc("getSummary", "json", "summary.json", SummarySchema))
 def summary(job_id):
     """Download the run summary (per class max, mean, peak; timings; parameters)."""
     return _artifact(job_id, lambda a: a["summary"])
 
 
 @blp.route("/<string:job_id>/overlays/<string:class_name>", endpoint="overlay")
-@blp.response(200, description="PNG overlay", content_type="image/png")
+@blp.doc(**download_doc("getOverlay", "png", "PNG overlay"))
 def overlay(job_id, class_name):
     """Download one class's overlay PNG (by class name, as listed in the result)."""
     return _artifact(job_id, lambda a: a["overlays"].get(class_name))

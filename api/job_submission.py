@@ -8,22 +8,26 @@ behind or leaves a row the reconciler finishes (broker down: the row stays `queu
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from api.context import ApiContext
 from api.error_handlers import ApiError
 from shared import job_store, ratelimit
 from shared.database import session_scope
 from shared.imageio import probe_image
+from shared.job_status import JobStatus
 from shared.jobspec import validate_params
 from shared.queue import send_job
-from shared.storage import StorageError, upload_key, upload_prefix
+from shared.storage import CHUNK, StorageError, upload_key, upload_prefix
 from shared.tables import Job, new_job_id
 from shared.webhook_signing import check_destination
 
@@ -32,10 +36,11 @@ log = logging.getLogger("heatmaps.api")
 
 @dataclass(frozen=True)
 class Submission:
-    """A parsed request: who asks, the form fields, the uploaded image (a seekable stream)."""
+    """A parsed request: who asks, the form fields (as parsed by api.schemas.SubmitSchema,
+    without the image), the uploaded image (a seekable stream)."""
 
     owner: str
-    form: Mapping[str, str]
+    form: Mapping[str, Any]
     image: BinaryIO
     idempotency_key: str | None = None
 
@@ -43,7 +48,21 @@ class Submission:
 @dataclass(frozen=True)
 class Submitted:
     job: Job
-    created: bool  # False: an earlier job with the same Idempotency-Key
+    created: bool  # False: an earlier job with the same Idempotency-Key (or an earlier retry)
+
+
+def request_fingerprint(form: Mapping[str, Any], image_sha256: str) -> str:
+    """What an Idempotency-Key stands for: the parsed parameters and the image's sha256."""
+    canonical = json.dumps({"form": dict(form), "image_sha256": image_sha256}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _idempotency_conflict() -> ApiError:
+    return ApiError(
+        422,
+        "idempotency_conflict",
+        "this Idempotency-Key was used for a request with other parameters or another image; use a new key",
+    )
 
 
 def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
@@ -54,6 +73,8 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
     """
     earlier = _earlier_job(ctx, submission)
     if earlier is not None:
+        if earlier.request_fingerprint not in (None, _fingerprint_of(submission)):
+            raise _idempotency_conflict()
         return Submitted(earlier, created=False)
     settings = ctx.settings
     info = ctx.catalog().get(submission.form.get("model") or settings.default_model)
@@ -64,9 +85,7 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
         max_top_k=settings.max_top_k,
         memory_budget_mb=settings.memory_budget_mb,
     )
-    callback_url = submission.form.get("callback_url") or None
-    if callback_url is not None:
-        check_destination(callback_url, settings)  # 400 invalid_callback_url (SSRF guard)
+    callback_url = _callback_url(submission, settings)
     image = probe_image(submission.image, max_pixels=settings.max_image_pixels, min_size=info.input_size)
     _check_limits(ctx, submission.owner)
 
@@ -94,12 +113,35 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
         image_sha256=digest,
         image_bytes=size,
         callback_url=callback_url,
+        request_fingerprint=request_fingerprint(submission.form, digest),
     )
-    winner = _insert(ctx, job, submission)
+    winner = _insert(
+        ctx, job, lambda session: job_store.find_by_idempotency_key(session, job.owner, job.idempotency_key)
+    )
     if winner is not None:
+        if winner.request_fingerprint not in (None, job.request_fingerprint):
+            raise _idempotency_conflict()
         return Submitted(winner, created=False)
     _enqueue(ctx, job_id)
     return Submitted(job, created=True)
+
+
+def _callback_url(submission: Submission, settings) -> str | None:
+    """The webhook destination, checked by the SSRF guard (400 invalid_callback_url)."""
+    callback_url = submission.form.get("callback_url") or None
+    if callback_url is not None:
+        check_destination(callback_url, settings)
+    return callback_url
+
+
+def _fingerprint_of(submission: Submission) -> str:
+    """Hash the incoming image (only on an Idempotency-Key replay) and fingerprint the request."""
+    digest = hashlib.sha256()
+    submission.image.seek(0)
+    while chunk := submission.image.read(CHUNK):
+        digest.update(chunk)
+    submission.image.seek(0)
+    return request_fingerprint(submission.form, digest.hexdigest())
 
 
 def _earlier_job(ctx: ApiContext, submission: Submission) -> Job | None:
@@ -136,17 +178,18 @@ def _check_limits(ctx: ApiContext, owner: str) -> None:
                 )
 
 
-def _insert(ctx: ApiContext, job: Job, submission: Submission) -> Job | None:
-    """Insert the row; returns the earlier job when a concurrent request with the same
-    Idempotency-Key won the race (this upload is then removed)."""
+def _insert(ctx: ApiContext, job: Job, find_winner: Callable[[Session], Job | None]) -> Job | None:
+    """Insert the row; returns the earlier job when a concurrent request won the race for the
+    same unique value (Idempotency-Key, or the retried job); this upload is then removed."""
     url = ctx.settings.resolved_database_url
     try:
         with session_scope(url) as session:
             session.add(job)
     except IntegrityError:
+        log.info("job %s lost an insert race (Idempotency-Key or retry); answering with the winner", job.id)
         ctx.storage.delete_prefix(upload_prefix(job.id))
         with session_scope(url) as session:
-            return job_store.find_by_idempotency_key(session, submission.owner, submission.idempotency_key)
+            return find_winner(session)
     except Exception:
         ctx.storage.delete_prefix(upload_prefix(job.id))
         raise
@@ -160,3 +203,65 @@ def _enqueue(ctx: ApiContext, job_id: str) -> None:
             job_store.mark_enqueued(session, job_id)
     except Exception as exc:  # broker down: the row stays queued; the reconciler sends it later
         log.warning("job %s accepted but not sent yet: %s", job_id, exc)
+
+
+# --- retry ---------------------------------------------------------------------------------
+RETRYABLE = (JobStatus.failed, JobStatus.canceled)
+
+
+def retry_job(ctx: ApiContext, owner: str, job_id: str) -> Submitted:
+    """A new job linked to a failed or canceled one (`retry_of`), on a copy of its stored
+    upload: the old job keeps its history and its own files (deleting or expiring either job
+    never takes the other's input), and the new one gets a fresh attempts budget. Retrying
+    the same job again returns the retry that exists (one retry per job: a unique column).
+
+    404 unknown job, 409 `job_not_retryable` (not failed or canceled) or `input_gone` (the
+    upload was deleted: an unreadable image, or retention), 429 limits, 503 storage.
+    """
+    url = ctx.settings.resolved_database_url
+    with session_scope(url) as session:
+        old = job_store.get_job(session, job_id, owner=owner)
+        if old is None:
+            raise ApiError(404, "not_found", "no such job")
+        if old.status not in RETRYABLE:
+            raise ApiError(
+                409, "job_not_retryable", f"the job is {old.status}; only failed or canceled jobs are retried"
+            )
+        earlier = job_store.find_retry(session, old.id)
+    if earlier is not None:
+        return Submitted(earlier, created=False)
+    ctx.catalog().get(old.model)  # the model must still be offered (400 unknown_model)
+    _check_limits(ctx, owner)
+    job = _copy_for_retry(ctx, old)
+    winner = _insert(ctx, job, lambda session: job_store.find_retry(session, old.id))
+    if winner is not None:
+        return Submitted(winner, created=False)
+    _enqueue(ctx, job.id)
+    return Submitted(job, created=True)
+
+
+def _copy_for_retry(ctx: ApiContext, old: Job) -> Job:
+    new_id = new_job_id()
+    key = upload_key(new_id, "." + old.image_key.rsplit(".", 1)[-1])
+    try:
+        with ctx.storage.open(old.image_key) as source:
+            size, digest = ctx.storage.put_stream(key, source)
+    except FileNotFoundError:
+        raise ApiError(
+            409, "input_gone", "the job's upload no longer exists (unreadable image or retention); submit it again"
+        ) from None
+    except (StorageError, OSError) as exc:
+        log.error("retry copy failed: %s", exc)
+        ctx.storage.delete_prefix(upload_prefix(new_id))
+        raise ApiError(
+            503, "storage_unavailable", "could not copy the upload; try again shortly", {"Retry-After": "5"}
+        ) from None
+    columns = ("owner", "model", "mode", "params", "image_format", "image_width", "image_height", "callback_url")
+    return Job(
+        id=new_id,
+        retry_of=old.id,
+        image_key=key,
+        image_sha256=digest,
+        image_bytes=size,
+        **{name: getattr(old, name) for name in columns},
+    )

@@ -15,6 +15,7 @@ blp.before_request(authenticate)
 
 @blp.route("")
 class Models(MethodView):
+    @blp.doc(operationId="listModels")
     @blp.response(200, ModelListSchema)
     def get(self):
         """Models you can name in a job: classes, native input size, output stride, preprocessing."""

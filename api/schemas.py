@@ -1,12 +1,24 @@
 """Marshmallow schemas of the HTTP representation; flask-smorest builds the OpenAPI
-document from them."""
+document from them, and the submission form is parsed and validated by the same schema
+(`SubmitSchema`, generated from shared.jobspec.FORM_FIELDS) so that document and checks
+cannot drift.
+
+Everything a client reads is typed (no free-form objects), so that generated clients
+(openapi-python-client, openapi-generator) get classes: `result.classes[0].peak.x`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+
 import marshmallow as ma
+from flask import current_app
+from flask_smorest.fields import Upload
 
 from shared.job_status import JobStatus
-from shared.jobspec import FORM_FIELDS, FormField
+from shared.jobspec import FORM_FIELDS, FormField, JobParams
 from shared.webhook_store import WebhookState
 
 STATUSES = [status.value for status in JobStatus]
@@ -21,7 +33,7 @@ class ImageSchema(ma.Schema):
 
 
 class JobErrorSchema(ma.Schema):
-    code = ma.fields.String(required=True)
+    code = ma.fields.String(required=True, metadata={"description": "stable machine-readable code"})
     message = ma.fields.String(required=True)
 
 
@@ -41,11 +53,61 @@ class ClassResultSchema(ma.Schema):
     overlay_url = ma.fields.String(required=True)
 
 
+class SizeSchema(ma.Schema):
+    height = ma.fields.Integer(required=True)
+    width = ma.fields.Integer(required=True)
+
+
+class StrideSchema(ma.Schema):
+    y = ma.fields.Integer(required=True)
+    x = ma.fields.Integer(required=True)
+
+
+class GridSchema(ma.Schema):
+    rows = ma.fields.Integer(required=True, metadata={"description": "score cells down"})
+    cols = ma.fields.Integer(required=True, metadata={"description": "score cells across"})
+    window = ma.fields.Nested(SizeSchema, required=True, metadata={"description": "pixels one cell looks at"})
+    stride = ma.fields.Nested(StrideSchema, required=True, metadata={"description": "pixels between cells"})
+
+
+class TimingsSchema(ma.Schema):
+    model_load_s = ma.fields.Float(required=True)
+    decode_s = ma.fields.Float(required=True)
+    inference_s = ma.fields.Float(required=True)
+    write_s = ma.fields.Float(required=True)
+    total_s = ma.fields.Float(required=True)
+
+
+def _schema_field(hint) -> ma.fields.Field:
+    """A marshmallow field for a dataclass type hint (int, str, float, bool, optional, tuple/list)."""
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    optional = len(args) < len(typing.get_args(hint))
+    if optional and len(args) == 1:
+        hint = args[0]
+    origin = typing.get_origin(hint)
+    if origin in (tuple, list):
+        inner = _schema_field(typing.get_args(hint)[0])
+        return ma.fields.List(inner, required=True, allow_none=optional)
+    simple = {int: ma.fields.Integer, str: ma.fields.String, float: ma.fields.Float, bool: ma.fields.Boolean}
+    kind = simple.get(hint) if not isinstance(hint, types.UnionType) else None
+    return (kind or ma.fields.Raw)(required=True, allow_none=optional)
+
+
+def _params_schema() -> type[ma.Schema]:
+    """`params` as the engine runs them, generated from JobParams so a new parameter appears."""
+    hints = typing.get_type_hints(JobParams)
+    fields = {field.name: _schema_field(hints[field.name]) for field in dataclasses.fields(JobParams)}
+    return ma.Schema.from_dict(fields, name="ParamsSchema")
+
+
+ParamsSchema = _params_schema()
+
+
 class ResultSchema(ma.Schema):
     classes = ma.fields.List(ma.fields.Nested(ClassResultSchema), required=True)
-    grid = ma.fields.Dict(required=True)
-    overlay_size = ma.fields.Dict(required=True)
-    timings = ma.fields.Dict(required=True)
+    grid = ma.fields.Nested(GridSchema, required=True)
+    overlay_size = ma.fields.Nested(SizeSchema, required=True, metadata={"description": "overlay PNG size"})
+    timings = ma.fields.Nested(TimingsSchema, required=True)
     heatmap_url = ma.fields.String(required=True)
     summary_url = ma.fields.String(required=True)
 
@@ -53,39 +115,49 @@ class ResultSchema(ma.Schema):
 class WebhookSchema(ma.Schema):
     url = ma.fields.String(required=True)
     state = ma.fields.String(
+        required=True,
         allow_none=True,
         validate=ma.validate.OneOf([state.value for state in WebhookState]),
         metadata={"description": "null until the first attempt"},
     )
     attempts = ma.fields.Integer(required=True)
-    last_status = ma.fields.Integer(allow_none=True, metadata={"description": "HTTP status of the last attempt"})
-    last_error = ma.fields.String(allow_none=True)
-    last_attempt_at = ma.fields.DateTime(allow_none=True)
-    next_attempt_at = ma.fields.DateTime(allow_none=True)
+    last_status = ma.fields.Integer(
+        required=True, allow_none=True, metadata={"description": "HTTP status of the last attempt"}
+    )
+    last_error = ma.fields.String(required=True, allow_none=True)
+    last_attempt_at = ma.fields.AwareDateTime(required=True, allow_none=True)
+    next_attempt_at = ma.fields.AwareDateTime(required=True, allow_none=True)
 
 
 class JobSchema(ma.Schema):
     id = ma.fields.String(required=True)
     status = ma.fields.String(required=True, validate=ma.validate.OneOf(STATUSES))
     progress = ma.fields.Float(required=True)
-    created_at = ma.fields.DateTime(required=True)
-    started_at = ma.fields.DateTime(allow_none=True)
-    finished_at = ma.fields.DateTime(allow_none=True)
+    created_at = ma.fields.AwareDateTime(required=True, metadata={"description": "UTC, with offset"})
+    started_at = ma.fields.AwareDateTime(required=True, allow_none=True)
+    finished_at = ma.fields.AwareDateTime(required=True, allow_none=True)
     model = ma.fields.String(required=True)
     mode = ma.fields.String(required=True)
-    params = ma.fields.Dict(required=True)
+    params = ma.fields.Nested(ParamsSchema, required=True)
     image = ma.fields.Nested(ImageSchema, required=True)
     attempts = ma.fields.Integer(required=True)
-    worker = ma.fields.String(allow_none=True)
-    error = ma.fields.Nested(JobErrorSchema, allow_none=True)
-    result = ma.fields.Nested(ResultSchema, allow_none=True)
+    worker = ma.fields.String(required=True, allow_none=True)
+    error = ma.fields.Nested(JobErrorSchema, required=True, allow_none=True)
+    result = ma.fields.Nested(
+        ResultSchema, required=True, allow_none=True, metadata={"description": "set once the job succeeded"}
+    )
+    retry_of = ma.fields.String(
+        required=True, allow_none=True, metadata={"description": "the failed or canceled job this job retries"}
+    )
     url = ma.fields.String(required=True)
-    webhook = ma.fields.Nested(WebhookSchema, allow_none=True, metadata={"description": "deliveries to callback_url"})
+    webhook = ma.fields.Nested(
+        WebhookSchema, required=True, allow_none=True, metadata={"description": "deliveries to callback_url"}
+    )
 
 
 class JobListSchema(ma.Schema):
     jobs = ma.fields.List(ma.fields.Nested(JobSchema), required=True)
-    next_cursor = ma.fields.String(allow_none=True)
+    next_cursor = ma.fields.String(required=True, allow_none=True)
 
 
 class JobListQuerySchema(ma.Schema):
@@ -97,9 +169,26 @@ class JobListQuerySchema(ma.Schema):
     cursor = ma.fields.String(validate=ma.validate.Length(min=1, max=200))
 
 
-class SizeSchema(ma.Schema):
-    height = ma.fields.Integer(required=True)
-    width = ma.fields.Integer(required=True)
+class SummaryClassSchema(ma.Schema):
+    name = ma.fields.String(required=True)
+    index = ma.fields.Integer(required=True)
+    max = ma.fields.Float(required=True)
+    mean = ma.fields.Float(required=True)
+    peak = ma.fields.Nested(PeakSchema, required=True)
+    overlay = ma.fields.String(required=True, metadata={"description": "overlay file name"})
+
+
+class SummarySchema(ma.Schema):
+    """summary.json as the worker writes it (documentation of the download)."""
+
+    image = ma.fields.Nested(SizeSchema, required=True)
+    model = ma.fields.String(required=True)
+    mode = ma.fields.String(required=True)
+    parameters = ma.fields.Nested(ParamsSchema, required=True)
+    grid = ma.fields.Nested(GridSchema, required=True)
+    overlay_size = ma.fields.Nested(SizeSchema, required=True)
+    classes = ma.fields.List(ma.fields.Nested(SummaryClassSchema), required=True)
+    timings = ma.fields.Nested(TimingsSchema, required=True)
 
 
 class ModelSchema(ma.Schema):
@@ -126,35 +215,119 @@ class ModelListSchema(ma.Schema):
     )
 
 
-def _form_property(field: FormField) -> dict:
-    prop = {"type": field.type, "description": field.description}
+# --- the submission form ------------------------------------------------------------------
+class SettingMaximum(ma.validate.Validator):
+    """An upper bound that is a setting (MAX_BATCH_SIZE, ...): checked against the running
+    app's settings, and written into the document as `maximum` by `document_limits`."""
+
+    def __init__(self, setting: str):
+        self.setting = setting
+
+    def __call__(self, value):
+        limit = getattr(current_app.config["HEATMAP_SETTINGS"], self.setting)
+        if value > limit:
+            raise ma.ValidationError(f"must be at most {limit}, got {value}")
+        return value
+
+
+#: Fields whose default is stated in words only: generated clients send every documented
+#: default, and a top_k sent along with classes is refused ("give either top_k or classes").
+DEFAULT_IN_WORDS = frozenset({"top_k"})
+
+
+def _form_field(field: FormField) -> ma.fields.Field:
+    metadata = {"description": field.description}
+    if field.default is not None and field.name in DEFAULT_IN_WORDS:
+        metadata["description"] = f"{field.description} (default {field.default}; leave out when giving classes)"
+    elif field.default is not None:
+        metadata["default"] = field.default  # documented only: an absent field stays absent
+    validators: list = []
     if field.choices:
-        prop["enum"] = list(field.choices)
-    if field.default is not None:
-        prop["default"] = field.default
+        validators.append(ma.validate.OneOf(field.choices))
+    if field.max_length is not None:
+        validators.append(ma.validate.Length(max=field.max_length))
     if field.minimum is not None:
-        prop["minimum"] = field.minimum
-    return prop
+        validators.append(ma.validate.Range(min=field.minimum))
+    if field.maximum_setting is not None:
+        validators.append(SettingMaximum(field.maximum_setting))
+    kind = ma.fields.Integer if field.type == "integer" else ma.fields.String
+    return kind(validate=validators, metadata=metadata)
 
 
-#: The multipart submission body, generated from the one list of form fields (shared.jobspec).
-SUBMIT_REQUEST_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["image"],
-                "properties": {
-                    "image": {
-                        "type": "string",
-                        "format": "binary",
-                        "description": "JPEG, PNG, TIFF, BMP or WebP; checked by content",
-                    },
-                    **{field.name: _form_property(field) for field in FORM_FIELDS},
-                },
-            },
-            "encoding": {"image": {"contentType": "application/octet-stream"}},
-        }
-    },
+#: Name of the one file part of a submission.
+IMAGE_FIELD = "image"
+
+
+class _SubmitBase(ma.Schema):
+    class Meta:
+        unknown = ma.RAISE
+
+    image = Upload(
+        required=True,
+        metadata={"description": "JPEG, PNG, TIFF, BMP or WebP, checked by content", "limits": "upload"},
+    )
+
+    @ma.pre_load
+    def _empty_is_absent(self, data, **kwargs):
+        """An empty text field (what an HTML form sends for an untouched input) means absent."""
+        return {key: value for key, value in data.items() if value != ""}
+
+
+#: The multipart body of ``POST /api/v1/jobs``: the image and every field of FORM_FIELDS.
+SubmitSchema = _SubmitBase.from_dict({field.name: _form_field(field) for field in FORM_FIELDS}, name="SubmitSchema")
+SUBMIT_FIELD_NAMES = frozenset(SubmitSchema().fields)
+
+
+def document_limits(api, settings) -> None:
+    """Write this deployment's limits into its OpenAPI document: `maximum` of fields bounded
+    by a setting, and the upload limits on the image part. Call before registering blueprints."""
+
+    def settings_limits(self, field, ret, **kwargs) -> dict:
+        extra = {}
+        for validator in getattr(field, "validators", ()):
+            if isinstance(validator, SettingMaximum):
+                extra["maximum"] = getattr(settings, validator.setting)
+        if field.metadata.get("limits") == "upload":
+            extra["description"] = (
+                f"{field.metadata['description']}; at most {settings.max_upload_mb:g} MB and "
+                f"{settings.max_image_pixels:,} pixels (413 above); text fields together at most "
+                f"{settings.max_form_memory_kb} KB, at most {settings.max_form_parts} parts"
+            )
+        return extra
+
+    api.ma_plugin.converter.add_attribute_function(settings_limits)
+
+
+# --- downloads ----------------------------------------------------------------------------
+#: Media type of each artifact, by file extension: the routes serve with it and document it.
+MEDIA_TYPES = {
+    "npz": "application/octet-stream",
+    "json": "application/json",
+    "png": "image/png",
+    "tif": "image/tiff",
+    "tiff": "image/tiff",
+    "geojson": "application/geo+json",
+}
+
+
+def media_type(key: str) -> str:
+    return MEDIA_TYPES.get(key.rsplit(".", 1)[-1].lower(), "application/octet-stream")
+
+
+def download_doc(operation_id: str, extension: str, description: str, schema=None) -> dict:
+    """`@blp.doc(**download_doc(...))` for an artifact route: operationId, the media type
+    and, for JSON, the body's schema (binary otherwise; generated clients return bytes)."""
+    body = schema if schema is not None else {"type": "string", "format": "binary"}
+    return {
+        "operationId": operation_id,
+        "responses": {"200": {"description": description, "content": {MEDIA_TYPES[extension]: {"schema": body}}}},
+    }
+
+
+#: Header on responses about a job that has not finished: seconds until the next poll.
+RETRY_AFTER_HEADER = {
+    "Retry-After": {
+        "description": "present while the job is queued or running: seconds to wait before polling again",
+        "schema": {"type": "integer"},
+    }
 }

@@ -45,6 +45,11 @@ def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | Non
     return session.scalars(select(Job).where(Job.owner == owner, Job.idempotency_key == key)).first()
 
 
+def find_retry(session: Session, job_id: str) -> Job | None:
+    """The job that retries `job_id` (jobs.retry_of is unique: one retry per job)."""
+    return session.scalars(select(Job).where(Job.retry_of == job_id)).first()
+
+
 def count_active(session: Session, owner: str) -> int:
     return session.scalar(select(func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(_ACTIVE)))
 

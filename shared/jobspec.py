@@ -17,6 +17,7 @@ MODES = ("direct", "tiled")
 WEIGHTINGS = ("mean", "gaussian")
 DEFAULT_TOP_K = 3
 DEFAULT_BATCH_SIZE = 32
+CALLBACK_URL_MAX_LENGTH = 2000
 
 
 @dataclass(frozen=True)
@@ -30,21 +31,40 @@ class FormField:
     choices: tuple[str, ...] | None = None
     default: Any = None
     minimum: int | None = None
+    maximum_setting: str | None = None  # the Settings field that bounds an integer from above
+    max_length: int | None = None  # longest accepted string, checked before any parsing
     api_only: bool = False  # a service option (not an inference parameter): no CLI flag
 
 
 FORM_FIELDS: tuple[FormField, ...] = (
-    FormField("model", "string", "catalogue name (GET /api/v1/models); default: the service's default model"),
+    FormField(
+        "model", "string", "catalogue name (GET /api/v1/models); default: the service's default model", max_length=200
+    ),
     FormField("mode", "string", "direct: fully convolutional; tiled: sliding window", MODES, "direct"),
     FormField("stride", "integer", "tiled mode: pixels between windows; default half the window", minimum=1),
-    FormField("batch_size", "integer", "tiled mode: windows per forward call", default=DEFAULT_BATCH_SIZE, minimum=1),
-    FormField("top_k", "integer", "keep the classes with the highest maxima", default=DEFAULT_TOP_K, minimum=1),
-    FormField("classes", "string", "comma-separated class names or indices (instead of top_k)"),
+    FormField(
+        "batch_size",
+        "integer",
+        "tiled mode: windows per forward call",
+        default=DEFAULT_BATCH_SIZE,
+        minimum=1,
+        maximum_setting="max_batch_size",
+    ),
+    FormField(
+        "top_k",
+        "integer",
+        "keep the classes with the highest maxima",
+        default=DEFAULT_TOP_K,
+        minimum=1,
+        maximum_setting="max_top_k",
+    ),
+    FormField("classes", "string", "comma-separated class names or indices (instead of top_k)", max_length=16384),
     FormField("weighting", "string", "blending of overlapping windows in the overlays", WEIGHTINGS, "mean"),
     FormField(
         "callback_url",
         "string",
         "webhook: POSTed the signed job JSON when the job finishes (hosts allowed by WEBHOOK_ALLOWED_HOSTS)",
+        max_length=CALLBACK_URL_MAX_LENGTH,
         api_only=True,
     ),
 )

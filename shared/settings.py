@@ -134,6 +134,11 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    # --- API contract ----------------------------------------------------------------------
+    poll_retry_after_s: int = Field(
+        2, ge=1, description="Retry-After (seconds) on responses about a queued or running job: when to poll again."
+    )
+
     @field_validator("api_keys")
     @classmethod
     def _check_keys(cls, value: list[str]) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, DateTime, Float, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Float, Index, Integer, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.job_status import JobStatus
@@ -24,25 +24,30 @@ class Base(DeclarativeBase):
     pass
 
 
-class UTCDateTime(DateTime):
-    """Timezone-aware on PostgreSQL; SQLite drops the zone, so values are re-tagged as UTC on read."""
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every database.
 
+    PostgreSQL stores ``timestamptz``; SQLite has no zone, and SQLAlchemy's SQLite type
+    silently drops it (a plain ``DateTime`` subclass is replaced by the dialect's own type,
+    so overriding its result processor does nothing). A TypeDecorator runs on every dialect:
+    values are converted to UTC on the way in (SQLite stores them naive, so string order is
+    time order) and always come back tagged UTC. A naive value is taken to be UTC (the
+    service only ever makes UTC times, `utcnow`).
+    """
+
+    impl = DateTime(timezone=True)
     cache_ok = True
 
-    def __init__(self):
-        super().__init__(timezone=True)
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
-    def result_processor(self, dialect, coltype):
-        parent = super().result_processor(dialect, coltype)
-
-        def process(value):
-            if parent is not None:
-                value = parent(value)
-            if isinstance(value, datetime) and value.tzinfo is None:
-                value = value.replace(tzinfo=UTC)
-            return value
-
-        return process
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class Job(Base):
@@ -53,6 +58,7 @@ class Job(Base):
         Index("ix_jobs_owner_created", "owner", "created_at", "id"),
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_webhook_due", "webhook_state", "webhook_next_at"),
+        Index("ix_jobs_retry_of", "retry_of", unique=True),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
@@ -104,4 +110,13 @@ class Job(Base):
     webhook_last_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     webhook_next_at: Mapped[datetime | None] = mapped_column(
         UTCDateTime(), nullable=True, doc="next attempt (or the lease of the one in flight)"
+    )
+    # --- contract (migration "contract") ---
+    request_fingerprint: Mapped[str | None] = mapped_column(
+        String(64),
+        nullable=True,
+        doc="sha256 of the submitted parameters and image; an Idempotency-Key replay must match",
+    )
+    retry_of: Mapped[str | None] = mapped_column(
+        String(32), nullable=True, doc="the failed or canceled job this one retries (unique: one retry per job)"
     )

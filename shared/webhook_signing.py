@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from shared.exceptions import InputError
+from shared.jobspec import CALLBACK_URL_MAX_LENGTH
 from shared.settings import Settings
 
 SIGNATURE_HEADER = "X-Heatmap-Signature"
 EVENT_HEADER = "X-Heatmap-Event"
 DELIVERY_HEADER = "X-Heatmap-Delivery"
-MAX_URL_LENGTH = 2000
+MAX_URL_LENGTH = CALLBACK_URL_MAX_LENGTH
 #: Metadata endpoints outside the link-local ranges (Alibaba Cloud, Oracle Cloud's IPv4 is link-local).
 METADATA_ADDRESSES = frozenset({ipaddress.ip_address("100.100.100.200"), ipaddress.ip_address("fd00:ec2::254")})
 

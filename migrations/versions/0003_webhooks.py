@@ -1,14 +1,14 @@
 """webhook columns: callback_url and the delivery record of each job
 
-Revision ID: integrations
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "integrations"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
