@@ -21,7 +21,7 @@ class ApiContext:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.storage = Storage(settings.resolved_storage_url)
+        self.storage = Storage.from_settings(settings)
         self._catalog: ModelCatalog | None = None
         self._catalog_time = 0.0
         self._lock = threading.Lock()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from api.metrics import check_scrape_auth
 from shared.database import session_scope
 
 bp = Blueprint("health", __name__)
@@ -43,6 +44,8 @@ def readyz():
 
 @bp.get("/metrics")
 def metrics():
-    """Prometheus text format: jobs by status, queue depth, durations, tiles per second."""
-    registry = current_app.extensions["heatmaps"].metrics_registry
+    """Prometheus text format: job outcomes, durations, tiles per second; jobs by status, queue depth."""
+    context = current_app.extensions["heatmaps"]
+    check_scrape_auth(context.settings, request.headers.get("Authorization"))
+    registry = context.metrics_registry
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

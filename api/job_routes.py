@@ -25,7 +25,7 @@ from api.schemas import (
     download_doc,
     media_type,
 )
-from shared import job_store
+from shared import job_metrics, job_store
 from shared.database import session_scope
 from shared.job_status import ACTIVE, JobStatus
 from shared.tables import Job
@@ -91,6 +91,22 @@ def represent(job: Job) -> dict:
         "result": result,
         "retry_of": job.retry_of,
         "url": job_url(job.id),
+        "webhook": _webhook(job),
+    }
+
+
+def _webhook(job: Job) -> dict | None:
+    """The delivery record of a job with a callback_url (state None: not attempted yet)."""
+    if not job.callback_url:
+        return None
+    return {
+        "url": job.callback_url,
+        "state": job.webhook_state,
+        "attempts": job.webhook_attempts or 0,
+        "last_status": job.webhook_last_status,
+        "last_error": job.webhook_last_error,
+        "last_attempt_at": job.webhook_last_at,
+        "next_attempt_at": job.webhook_next_at,
     }
 
 
@@ -203,6 +219,7 @@ class JobResource(MethodView):
             job = _load_job(session, job_id)
             if job_store.cancel(session, job.id):
                 session.commit()
+                job_metrics.count_outcome(_ctx().settings, JobStatus.canceled)
                 session.refresh(job)
                 return represent(job), 202
         with _db() as session:
@@ -243,7 +260,11 @@ def _artifact(job_id: str, pick):
         if not local.is_file():
             raise ApiError(404, "not_found", "the artifact is gone (retention)")
         return send_file(local, mimetype=mimetype, download_name=key.rsplit("/", 1)[1], max_age=0)
-    return Response(stream_with_context(storage.iter_chunks(key)), mimetype=mimetype)
+    try:
+        chunks = storage.iter_chunks(key)
+    except FileNotFoundError:
+        raise ApiError(404, "not_found", "the artifact is gone (retention)") from None
+    return Response(stream_with_context(chunks), mimetype=mimetype)
 
 
 @blp.route("/<string:job_id>/retry", methods=["POST"], endpoint="retry")

@@ -30,6 +30,7 @@ from shared.jobspec import validate_params
 from shared.queue import send_job
 from shared.storage import CHUNK, StorageError, mask_key, upload_key, upload_prefix
 from shared.tables import Job, new_job_id
+from shared.webhook_signing import check_destination
 
 log = logging.getLogger("heatmaps.api")
 
@@ -88,6 +89,7 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
         memory_budget_mb=settings.memory_budget_mb,
         mask_min_fraction=settings.mask_min_fraction,
     )
+    callback_url = _callback_url(submission, settings)
     params, image = probe_input(settings, submission, params, info.input_size)
     _check_limits(ctx, submission.owner)
 
@@ -106,6 +108,7 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
         image_height=image.height,
         image_sha256=digest,
         image_bytes=size,
+        callback_url=callback_url,
         request_fingerprint=request_fingerprint(submission.form, digest),
     )
     winner = _insert(
@@ -117,6 +120,14 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
         return Submitted(winner, created=False)
     _enqueue(ctx, job_id)
     return Submitted(job, created=True)
+
+
+def _callback_url(submission: Submission, settings) -> str | None:
+    """The webhook destination, checked by the SSRF guard (400 invalid_callback_url)."""
+    callback_url = submission.form.get("callback_url") or None
+    if callback_url is not None:
+        check_destination(callback_url, settings)
+    return callback_url
 
 
 def _fingerprint_of(submission: Submission) -> str:
@@ -271,7 +282,7 @@ def _copy_for_retry(ctx: ApiContext, old: Job) -> Job:
         raise ApiError(
             503, "storage_unavailable", "could not copy the upload; try again shortly", {"Retry-After": "5"}
         ) from None
-    columns = ("owner", "model", "mode", "params", "image_format", "image_width", "image_height")
+    columns = ("owner", "model", "mode", "params", "image_format", "image_width", "image_height", "callback_url")
     return Job(
         id=new_id,
         retry_of=old.id,

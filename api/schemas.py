@@ -19,6 +19,7 @@ from flask_smorest.fields import Upload
 
 from shared.job_status import JobStatus
 from shared.jobspec import FORM_FIELDS, FormField, JobParams
+from shared.webhook_store import WebhookState
 
 STATUSES = [status.value for status in JobStatus]
 
@@ -116,6 +117,23 @@ class ResultSchema(ma.Schema):
     )
 
 
+class WebhookSchema(ma.Schema):
+    url = ma.fields.String(required=True)
+    state = ma.fields.String(
+        required=True,
+        allow_none=True,
+        validate=ma.validate.OneOf([state.value for state in WebhookState]),
+        metadata={"description": "null until the first attempt"},
+    )
+    attempts = ma.fields.Integer(required=True)
+    last_status = ma.fields.Integer(
+        required=True, allow_none=True, metadata={"description": "HTTP status of the last attempt"}
+    )
+    last_error = ma.fields.String(required=True, allow_none=True)
+    last_attempt_at = ma.fields.AwareDateTime(required=True, allow_none=True)
+    next_attempt_at = ma.fields.AwareDateTime(required=True, allow_none=True)
+
+
 class JobSchema(ma.Schema):
     id = ma.fields.String(required=True)
     status = ma.fields.String(required=True, validate=ma.validate.OneOf(STATUSES))
@@ -137,6 +155,9 @@ class JobSchema(ma.Schema):
         required=True, allow_none=True, metadata={"description": "the failed or canceled job this job retries"}
     )
     url = ma.fields.String(required=True)
+    webhook = ma.fields.Nested(
+        WebhookSchema, required=True, allow_none=True, metadata={"description": "deliveries to callback_url"}
+    )
 
 
 class JobListSchema(ma.Schema):

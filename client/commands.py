@@ -33,11 +33,14 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"  # `make serve`'s default port
 EXIT_OK, EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
-def add_job_flags(parser: argparse.ArgumentParser, model_help: str | None = None) -> None:
+def add_job_flags(parser: argparse.ArgumentParser, model_help: str | None = None, service: bool = True) -> None:
     """One flag per job parameter, generated from shared.jobspec.FORM_FIELDS (as the API's
-    form is), so that `submit` and `infer` take exactly what a job takes."""
+    form is), so that `submit` and `infer` take exactly what a job takes (`service=False`:
+    without the fields only the service acts on, such as callback_url)."""
     exclusive = parser.add_mutually_exclusive_group()  # top_k or classes
     for field in FORM_FIELDS:
+        if field.api_only and not service:
+            continue
         target = exclusive if field.name in ("top_k", "classes") else parser
         target.add_argument(
             "--" + field.name.replace("_", "-"),
@@ -82,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     infer = commands.add_parser("infer", help="compute heatmaps for one image on this machine (loads TensorFlow)")
     infer.add_argument("image", nargs="?", help="image file (or give --image-url)")
-    add_job_flags(infer, "catalogue name or path to a .keras/.h5 file with its sidecar")
+    add_job_flags(infer, "catalogue name or path to a .keras/.h5 file with its sidecar", service=False)
     infer.add_argument("--memory-budget-mb", type=int, default=None, help="direct mode: bound for one tile")
     infer.add_argument("--out", required=True, help="output folder")
     return parser

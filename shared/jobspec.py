@@ -25,6 +25,7 @@ MAX_LEVEL = 63
 DEFAULT_TOP_K = 3
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_THRESHOLD = 0.5
+CALLBACK_URL_MAX_LENGTH = 2000
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class FormField:
     minimum: int | None = None
     maximum_setting: str | None = None  # the Settings field that bounds an integer from above
     max_length: int | None = None  # longest accepted string, checked before any parsing
+    api_only: bool = False  # a service option (not an inference parameter): no CLI flag
 
 
 FORM_FIELDS: tuple[FormField, ...] = (
@@ -83,6 +85,13 @@ FORM_FIELDS: tuple[FormField, ...] = (
     FormField("image_url", "string", "instead of an upload: an fsspec URL under the service's INPUT_URL_PREFIXES"),
     FormField(
         "threshold", "number", "regions.geojson: cells scoring at or above this form regions", default=DEFAULT_THRESHOLD
+    ),
+    FormField(
+        "callback_url",
+        "string",
+        "webhook: POSTed the signed job JSON when the job finishes (hosts allowed by WEBHOOK_ALLOWED_HOSTS)",
+        max_length=CALLBACK_URL_MAX_LENGTH,
+        api_only=True,
     ),
 )
 FORM_FIELD_NAMES = frozenset(field.name for field in FORM_FIELDS)

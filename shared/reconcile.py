@@ -17,8 +17,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from shared import job_store
+from shared import job_metrics, job_store
 from shared.database import session_scope
+from shared.job_status import JobStatus
 from shared.queue import send_job
 from shared.settings import Settings, get_settings
 from shared.storage import Storage
@@ -42,6 +43,8 @@ def reconcile_once(settings: Settings, storage: Storage | None = None) -> PassRe
         report.requeued, report.failed = job_store.rescue_stale(
             session, settings.stale_after_s, settings.job_max_attempts
         )
+    for _ in report.failed:
+        job_metrics.count_outcome(settings, JobStatus.failed)
     with session_scope(url) as session:
         to_send = list(
             dict.fromkeys(report.requeued + job_store.queued_to_send(session, settings.requeue_queued_after_s))
@@ -56,7 +59,7 @@ def reconcile_once(settings: Settings, storage: Storage | None = None) -> PassRe
         with session_scope(url) as session:
             job_store.mark_enqueued(session, job_id)
         report.sent.append(job_id)
-    storage = storage or Storage(settings.resolved_storage_url)
+    storage = storage or Storage.from_settings(settings)
     with session_scope(url) as session:
         for job in job_store.expired(session, settings.retention_hours):
             storage.delete_job_files(job.id)
@@ -74,7 +77,7 @@ def reconcile_once(settings: Settings, storage: Storage | None = None) -> PassRe
 
 
 def run_forever(settings: Settings, stop: threading.Event) -> None:
-    storage = Storage(settings.resolved_storage_url)
+    storage = Storage.from_settings(settings)
     while not stop.wait(settings.reconcile_interval_s):
         try:
             reconcile_once(settings, storage)

@@ -102,6 +102,44 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    # --- webhooks -----------------------------------------------------------------------
+    webhook_secret: str | None = Field(
+        None, description="HMAC-SHA256 key of the X-Heatmap-Signature header; unset = callback_url refused."
+    )
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated callback destinations: host names (example.com, *.example.com), IP addresses, "
+            "or URL prefixes (https://hooks.example.com/in/). Empty = callback_url refused."
+        ),
+    )
+    webhook_allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated CIDR networks a callback may resolve to although they are private, loopback, "
+            "link-local or metadata addresses (refused otherwise)."
+        ),
+    )
+    webhook_timeout_s: float = Field(5.0, gt=0, description="One delivery attempt: connect + response timeout.")
+    webhook_retry_base_s: float = Field(2.0, gt=0, description="First retry delay; doubles after each failure.")
+    webhook_retry_max_delay_s: float = Field(300.0, gt=0, description="Longest wait between two attempts.")
+    webhook_give_up_after_s: float = Field(
+        3600.0, gt=0, description="No attempt starts later than this after the job finished; then it gave up."
+    )
+    webhook_poll_interval_s: float = Field(1.0, gt=0, description="How often the sender looks for due deliveries.")
+    webhook_concurrency: int = Field(4, ge=1, description="Deliveries in flight at once per worker (threads).")
+    webhook_sender: bool = Field(True, description="Run the webhook sender thread in the worker's main process.")
+
+    # --- metrics ------------------------------------------------------------------------
+    metrics_token: str | None = Field(
+        None, description="When set, GET /metrics needs 'Authorization: Bearer <token>' (else 401)."
+    )
+
+    # --- object storage -----------------------------------------------------------------
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph, moto) for s3:// STORAGE_URL; unset = AWS."
+    )
+
     @field_validator("worker_preload_models", mode="before")
     @classmethod
     def _split_models(cls, value):
@@ -110,7 +148,7 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "webhook_allowed_hosts", "webhook_allowed_networks", mode="before")
     @classmethod
     def _split_keys(cls, value):
         if value is None:

@@ -2,8 +2,20 @@
 store (``s3://bucket/prefix``) all work the same way.
 
 Keys are relative POSIX paths built by the service (``uploads/<job_id>/image.png``,
-``results/<job_id>/heatmap.npz``); a client-supplied name never becomes a key. Writes go to
-a temporary name first and are renamed into place, so a reader never sees half a file.
+``results/<job_id>/heatmap.npz``); a client-supplied name never becomes a key.
+
+A reader never sees half a file. On a filesystem a write goes to a temporary name, is
+fsynced and renamed into place. An object store has no rename (s3fs's ``mv`` is a copy and a
+delete, and a reader could see the temporary object), but it needs none: a PUT - or the
+completion of a multipart upload - is atomic, the object is visible whole or not at all, so
+objects are written straight to their final key. A job's results as a whole are committed by
+the row: the worker writes every object first and commits ``succeeded`` (with the list of
+keys) only after all of them exist, and readers only follow keys the row lists. A crash
+between the two leaves objects without a row under the job's own prefix, never a row
+pointing at missing objects; a re-run overwrites them, deleting the job removes the prefix.
+
+``s3://bucket/prefix`` uses s3fs; credentials come from the usual AWS sources (environment,
+profile, instance role) and ``S3_ENDPOINT_URL`` points at an S3-compatible server.
 """
 
 from __future__ import annotations
@@ -117,13 +129,31 @@ def check_key(key: str) -> str:
     return key
 
 
+def _options(url: str, endpoint_url: str | None) -> dict:
+    """fsspec options: for s3://, the endpoint (S3_ENDPOINT_URL) and no stale listings."""
+    if not url.startswith(("s3://", "s3a://")):
+        return {}
+    if endpoint_url is None:
+        from shared.settings import get_settings
+
+        endpoint_url = get_settings().s3_endpoint_url
+    options: dict = {"use_listings_cache": False}
+    if endpoint_url:
+        options["client_kwargs"] = {"endpoint_url": endpoint_url}
+    return options
+
+
 class Storage:
-    def __init__(self, url: str):
+    def __init__(self, url: str, endpoint_url: str | None = None):
         self.url = url
-        self.fs, root = fsspec.core.url_to_fs(url)
+        self.fs, root = fsspec.core.url_to_fs(url, **_options(url, endpoint_url))
         self.root = root.rstrip("/")
         if self.is_local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_settings(cls, settings) -> Storage:
+        return cls(settings.resolved_storage_url, settings.s3_endpoint_url)
 
     @property
     def is_local(self) -> bool:
@@ -140,12 +170,13 @@ class Storage:
         return self.fs.open(self.path(key), "rb")
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
-        with self.open(key) as handle:
-            while chunk := handle.read(chunk_size):
-                yield chunk
+        """Opens now (FileNotFoundError before a response starts), reads as it is iterated."""
+        return _read_chunks(self.open(key), chunk_size)
 
     def put_stream(self, key: str, stream: BinaryIO) -> tuple[int, str]:
         """Copy a stream to `key` atomically; returns (bytes written, sha256 hex)."""
+        if not self.is_local:
+            return self._put_object(key, stream)
         digest = hashlib.sha256()
         size = 0
         final = self.path(key)
@@ -163,6 +194,27 @@ class Storage:
             self.fs.mv(temp, final)
         except OSError as exc:
             self._discard(temp)
+            raise StorageError(f"could not write {key}: {exc}") from exc
+        return size, digest.hexdigest()
+
+    def _put_object(self, key: str, stream: BinaryIO) -> tuple[int, str]:
+        """Object stores: straight to the final key; the object appears whole when the
+        (multipart) upload completes, and an aborted upload leaves nothing visible."""
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            out = self.fs.open(self.path(key), "wb")
+            try:
+                while chunk := stream.read(CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+            except BaseException:
+                getattr(out, "discard", lambda: None)()  # abort: closing would commit the part written so far
+                out.closed = True
+                raise
+            out.close()
+        except OSError as exc:
             raise StorageError(f"could not write {key}: {exc}") from exc
         return size, digest.hexdigest()
 
@@ -206,3 +258,9 @@ class Storage:
         with self.open(key) as src, open(local_path, "wb") as dst:
             shutil.copyfileobj(src, dst, CHUNK)
         return local_path
+
+
+def _read_chunks(handle: BinaryIO, chunk_size: int) -> Iterator[bytes]:
+    with handle:
+        while chunk := handle.read(chunk_size):
+            yield chunk

@@ -57,6 +57,7 @@ class Job(Base):
         Index("ix_jobs_created", "created_at", "id"),
         Index("ix_jobs_owner_created", "owner", "created_at", "id"),
         Index("ix_jobs_status_created", "status", "created_at"),
+        Index("ix_jobs_webhook_due", "webhook_state", "webhook_next_at"),
         Index("ix_jobs_retry_of", "retry_of", unique=True),
     )
 
@@ -98,6 +99,18 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     result: Mapped[dict | None] = mapped_column(JSON, nullable=True, doc="summary + artifact keys")
 
+    # webhooks (shared/webhook_store.py changes these; the sender in worker/webhook_delivery.py)
+    callback_url: Mapped[str | None] = mapped_column(String(2000), nullable=True, doc="POSTed on a terminal state")
+    webhook_state: Mapped[str | None] = mapped_column(
+        String(16), nullable=True, doc="None until the first attempt; pending, delivered, gave_up, refused"
+    )
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_last_status: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="HTTP status of the last try")
+    webhook_last_error: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    webhook_last_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    webhook_next_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime(), nullable=True, doc="next attempt (or the lease of the one in flight)"
+    )
     # --- contract (migration "contract") ---
     request_fingerprint: Mapped[str | None] = mapped_column(
         String(64),

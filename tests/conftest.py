@@ -85,12 +85,12 @@ class Stack:
         self.tmp_path = tmp_path
         self.redis = redis
         values = dict(FAST_LIFECYCLE)
+        values.setdefault("storage_url", str(tmp_path / "storage"))
         values.update(overrides)
         self.settings = Settings(
             data_dir=tmp_path / "data",
             database_url=database_url,
             redis_url=redis.url,
-            storage_url=str(tmp_path / "storage"),
             queue_name=f"q-{uuid.uuid4().hex[:8]}",
             api_keys=[f"{name}:{hash_api_key(key)}" for name, key in KEYS.items()],
             **values,
@@ -278,3 +278,107 @@ def client(app):
     client = app.test_client()
     client.environ_base["HTTP_X_API_KEY"] = KEYS["alice"]
     return client
+
+
+# --- real outside services: a webhook receiver, an S3-protocol server ---------------------
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Until something accepts connections on 127.0.0.1:port (or the process died)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class WebhookReceiver:
+    """tests/webhook_receiver.py in its own process; `requests()` reads what it got."""
+
+    def __init__(self, tmp_path: Path):
+        from shared.embedded_redis import free_port
+
+        self.port = free_port()
+        self.log = tmp_path / f"receiver-{self.port}.jsonl"
+        self.log.touch()
+        script = Path(__file__).with_name("webhook_receiver.py")
+        self.proc = subprocess.Popen([sys.executable, str(script), str(self.port), str(self.log)])
+        wait_for_port(self.port, self.proc)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def requests(self, path: str | None = None) -> list[dict]:
+        import base64
+        import json
+
+        records = [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        for record in records:
+            record["body"] = base64.b64decode(record["body"])
+        return [r for r in records if path is None or r["path"] == "/" + path.lstrip("/")]
+
+
+@pytest.fixture
+def webhook_receiver(tmp_path):
+    receiver = WebhookReceiver(tmp_path)
+    yield receiver
+    stop_process(receiver.proc)
+
+
+class S3Server:
+    """moto's S3-protocol server on a free port; `new_bucket()` gives each user its own bucket."""
+
+    region = "us-east-1"  # moto's default: buckets there are created without a LocationConstraint
+
+    def __init__(self):
+        from shared.embedded_redis import free_port
+
+        self.port = free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        moto = Path(sys.executable).with_name("moto_server")
+        command = [str(moto)] if moto.exists() else [sys.executable, "-m", "moto.server"]
+        self.proc = subprocess.Popen(
+            [*command, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_port(self.port, self.proc)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region)
+
+    def new_bucket(self) -> str:
+        name = f"test-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto_server) for the session. Credentials are dummies in the
+    environment, inherited by the worker processes the tests start; point Storage (or any
+    s3fs/boto3 client) at `s3_server.endpoint_url`."""
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("AWS_DEFAULT_REGION", S3Server.region)
+    server = S3Server()
+    yield server
+    stop_process(server.proc)

@@ -60,7 +60,7 @@ def _infer(args: argparse.Namespace, settings, registry) -> int:
     if not (args.image or args.image_url):
         print("error: missing_image: give an image file or --image-url", file=sys.stderr)
         return 2
-    raw = {field.name: getattr(args, field.name) for field in FORM_FIELDS}
+    raw = {field.name: getattr(args, field.name, None) for field in FORM_FIELDS if not field.api_only}
     raw["memory_budget_mb"] = args.memory_budget_mb
     mask_image = None
     if raw.get("mask") not in (None, "none", "auto"):  # --mask PATH: a mask picture

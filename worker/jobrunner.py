@@ -22,7 +22,7 @@ from typing import TypeVar
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from shared import job_store
+from shared import job_metrics, job_store
 from shared.database import session_scope
 from shared.exceptions import InputError
 from shared.imageio import ImageError
@@ -154,6 +154,15 @@ def execute(job_id: str, context: WorkerContext) -> JobStatus | None:
             return _run_guarded(job_id, token, image_key, raw_params, context, heartbeat, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        _count_outcome(settings, job_id, token)
+
+
+def _count_outcome(settings: Settings, job_id: str, token: str) -> None:
+    """Prometheus counters (shared.job_metrics); counting never fails a job."""
+    try:
+        job_metrics.observe_job_end(settings, job_id, token)
+    except Exception as exc:
+        log.warning("metrics for job %s not counted: %s", job_id, exc)
 
 
 def _run_guarded(

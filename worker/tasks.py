@@ -25,6 +25,7 @@ settings = get_settings()
 app = make_celery(settings)
 _context = None
 _reconciler_stop = None
+_webhook_stop = None
 
 
 def configure_accelerator() -> None:
@@ -53,7 +54,7 @@ def get_context():
         registry = ModelRegistry(settings.model_dirs, settings.vgg16_weights)
         _context = WorkerContext(
             settings=settings,
-            storage=Storage(settings.resolved_storage_url),
+            storage=Storage.from_settings(settings),
             registry=registry,
             name=settings.worker_name or _hostname(),
         )
@@ -87,10 +88,22 @@ def _start_reconciler(**_kwargs) -> None:
         _reconciler_stop = start_thread(settings)
 
 
+@worker_ready.connect
+def _start_webhook_sender(**_kwargs) -> None:
+    """Deliveries run in the main process, so a hanging receiver never holds up the next job."""
+    global _webhook_stop
+    if settings.webhook_sender and settings.webhook_secret:
+        from worker.webhook_delivery import start_thread
+
+        _webhook_stop = start_thread(settings)
+
+
 @worker_shutting_down.connect
 def _stop_reconciler(**_kwargs) -> None:
     if _reconciler_stop is not None:
         _reconciler_stop.set()
+    if _webhook_stop is not None:
+        _webhook_stop.set()
 
 
 @app.task(name=RUN_JOB_TASK, ignore_result=True)
