@@ -7,9 +7,9 @@ import io
 
 import numpy as np
 import pytest
+from conftest import scene_png
 
 from shared.storage import Storage, StorageError, results_prefix, upload_prefix
-from tests.conftest import scene_png
 
 
 class FailingStream(io.RawIOBase):

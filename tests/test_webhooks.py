@@ -8,6 +8,7 @@ import time
 from datetime import UTC
 
 import pytest
+from conftest import DATABASES, scene_png
 
 from shared.settings import Settings
 from shared.webhook_signing import (
@@ -18,7 +19,6 @@ from shared.webhook_signing import (
     sign,
     verify_signature,
 )
-from tests.conftest import DATABASES, scene_png
 
 SECRET = "webhook-test-secret"
 HANG_TIMEOUT = 20.0  # the hanging receiver's attempt lasts this long
