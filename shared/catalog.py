@@ -78,7 +78,8 @@ class ModelInfo:
     def class_indices(self, wanted: Sequence[str | int]) -> list[int]:
         """Model output indices for class names or indices; raises CatalogError("unknown_class")."""
         index = {name: i for i, name in enumerate(self.classes)}
-        out = []
+        out: list[int] = []
+        seen: set[int] = set()  # a set: a long list must not cost quadratic time
         for item in wanted:
             if isinstance(item, int) or (isinstance(item, str) and item.strip().isdecimal()):
                 value = int(item)
@@ -91,7 +92,8 @@ class ModelInfo:
                 if name not in index:
                     raise CatalogError("unknown_class", f"model {self.name!r} has no class {name!r}")
                 value = index[name]
-            if value not in out:
+            if value not in seen:
+                seen.add(value)
                 out.append(value)
         if not out:
             raise CatalogError("unknown_class", "no classes given")
