@@ -50,6 +50,13 @@ def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | Non
 def find_retry(session: Session, job_id: str) -> Job | None:
     """The job that retries `job_id` (jobs.retry_of is unique: one retry per job)."""
     return session.scalars(select(Job).where(Job.retry_of == job_id)).first()
+def existing_ids(session: Session, job_ids: list[str]) -> set[str]:
+    """Which of these ids have a row (read from the database, not the session's cache)."""
+    found: set[str] = set()
+    for start in range(0, len(job_ids), 500):
+        chunk = job_ids[start : start + 500]
+        found.update(session.scalars(select(Job.id).where(Job.id.in_(chunk))))
+    return found
 
 
 def count_active(session: Session, owner: str) -> int:

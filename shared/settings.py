@@ -102,6 +102,16 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    # --- orphan sweep --------------------------------------------------------------------
+    orphan_grace_s: float = Field(
+        3600.0,
+        gt=0,
+        description=(
+            "The reconciler removes upload and result folders of job ids without a row once nothing in them"
+            " changed for this long (longer than storing one upload or one job's results takes)."
+        ),
+    )
+
     @field_validator("worker_preload_models", mode="before")
     @classmethod
     def _split_models(cls, value):
