@@ -234,6 +234,25 @@ def _report_once(sidecar: Path, message: str) -> None:
         log.warning("model sidecar %s ignored: %s", sidecar, message)
 
 
+def catalog_fingerprint(folders: Iterable[Path]) -> tuple:
+    """What a catalogue scan depends on: each folder's and each model file's identity and
+    modification time. The API and every worker rescan when it changes, so that both sides
+    see the same models (issue 11: a model added while the stack ran was accepted by the
+    API and unknown to the worker). A few `stat` calls: cheap enough for every request."""
+    marks = []
+    for folder in folders:
+        folder = Path(folder)
+        try:
+            marks.append((str(folder), folder.stat().st_mtime_ns))
+            for path in sorted(folder.iterdir()):
+                if path.suffix in (".json", ".keras", ".h5"):
+                    stat = path.stat()
+                    marks.append((path.name, stat.st_mtime_ns, stat.st_size))
+        except OSError:  # absent or unreadable folder, or a file removed while listing
+            marks.append((str(folder), None))
+    return tuple(marks)
+
+
 class ModelCatalog:
     """Models found in the given folders; the first folder wins on a name clash."""
 
