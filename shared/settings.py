@@ -102,6 +102,15 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    # --- dev stack ---------------------------------------------------------------------
+    instance_token: str | None = Field(
+        None,
+        description=(
+            "Sent back by /readyz in the X-Heatmaps-Instance header; the dev stack sets a fresh one per run"
+            " to tell its own API from another process answering on the same port."
+        ),
+    )
+
     # --- orphan sweep --------------------------------------------------------------------
     orphan_grace_s: float = Field(
         3600.0,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from shared.settings import Settings
 from shared.storage import Storage, StorageError, artifact_keys, mask_key, results_prefix, upload_prefix
 from worker.engine import run_inference
 from worker.model_registry import ModelRegistry, ModelUnavailableError
+from worker.scratch import make_scratch_dir
 
 log = logging.getLogger("heatmaps.worker")
 T = TypeVar("T")
@@ -177,7 +177,7 @@ def execute(job_id: str, context: WorkerContext) -> JobStatus | None:
             log.info("job %s was deleted as it started; nothing to do", job_id)
             return JobStatus.canceled
         image_key, raw_params = job.image_key, job.params
-    workdir = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-"))
+    workdir = make_scratch_dir(job_id)
     try:
         with Heartbeat(context, job_id, token) as heartbeat:
             return _run_guarded(job_id, token, image_key, raw_params, context, heartbeat, workdir)
