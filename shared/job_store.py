@@ -50,6 +50,8 @@ def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | Non
 def find_retry(session: Session, job_id: str) -> Job | None:
     """The job that retries `job_id` (jobs.retry_of is unique: one retry per job)."""
     return session.scalars(select(Job).where(Job.retry_of == job_id)).first()
+
+
 def existing_ids(session: Session, job_ids: list[str]) -> set[str]:
     """Which of these ids have a row (read from the database, not the session's cache)."""
     found: set[str] = set()
