@@ -4,16 +4,12 @@ catalogue and a Redis client."""
 from __future__ import annotations
 
 import threading
-import time
 
 import redis
 
-from shared.catalog import ModelCatalog
+from shared.catalog import ModelCatalog, catalog_fingerprint
 from shared.settings import Settings
 from shared.storage import Storage
-
-#: How long a scan of the model folders is trusted before MODELS_DIR is read again.
-CATALOG_TTL_S = 10.0
 
 
 class ApiContext:
@@ -23,7 +19,7 @@ class ApiContext:
         self.settings = settings
         self.storage = Storage.from_settings(settings)
         self._catalog: ModelCatalog | None = None
-        self._catalog_time = 0.0
+        self._catalog_fingerprint: tuple = ()
         self._lock = threading.Lock()
         self._redis = (
             redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=2)
@@ -33,11 +29,13 @@ class ApiContext:
         self.metrics_registry = None
 
     def catalog(self) -> ModelCatalog:
-        """Re-scanned every few seconds so that a model dropped into MODELS_DIR appears."""
+        """Re-scanned whenever the model folders change (the workers do the same), so that
+        a model dropped into MODELS_DIR is accepted at once and a removed one refused."""
+        fingerprint = catalog_fingerprint(self.settings.model_dirs)
         with self._lock:
-            if self._catalog is None or time.monotonic() - self._catalog_time > CATALOG_TTL_S:
+            if self._catalog is None or fingerprint != self._catalog_fingerprint:
                 self._catalog = ModelCatalog(self.settings.model_dirs)
-                self._catalog_time = time.monotonic()
+                self._catalog_fingerprint = fingerprint
             return self._catalog
 
     def redis(self) -> redis.Redis:

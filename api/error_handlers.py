@@ -1,7 +1,9 @@
 """Every error the API returns has the same shape: ``{"error": {"code", "message"}}``.
 
 Views raise `ApiError`; werkzeug's HTTP errors (404, 405, 413 ...) and webargs' validation
-errors are rewritten into that shape; a database or broker outage is a 503, never a 500.
+errors are rewritten into that shape; a database or broker outage is a 503, never a 500; a
+value the database refuses (psycopg's DataError: a NUL byte, an out-of-range number) is a 400.
+Every message is capped and stripped of server paths (`shared.error_text`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import marshmallow as ma
 from flask import jsonify
 from flask_smorest import Api
 from redis.exceptions import RedisError
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
+from shared.error_text import public_message
 from shared.exceptions import InputError
 
 log = logging.getLogger("heatmaps.api")
@@ -43,6 +46,7 @@ INPUT_ERROR_STATUS = {
     "unsupported_format": 415,
     "multi_frame": 415,
     "too_many_pixels": 413,
+    "payload_too_large": 413,
     "image_too_small": 422,
     # large-image path (shared.image_sources, shared.input_urls)
     "tile_too_large": 413,
@@ -70,7 +74,7 @@ class ErrorSchema(ma.Schema):
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None):
-    response = jsonify({"error": {"code": code, "message": message}})
+    response = jsonify({"error": {"code": code, "message": public_message(message)}})
     response.status_code = status
     for key, value in (headers or {}).items():
         response.headers[key] = value
@@ -120,6 +124,11 @@ def register_error_handlers(app) -> None:
     @app.errorhandler(InputError)
     def _input_error(error: InputError):
         return error_response(INPUT_ERROR_STATUS.get(error.code, 400), error.code, error.message)
+
+    @app.errorhandler(DataError)
+    def _bad_value(error):  # more specific than DBAPIError: Flask picks it first
+        log.info("database refused a value: %s", str(error).splitlines()[0][:200])
+        return error_response(400, "invalid_parameter", "a value in the request is not acceptable")
 
     @app.errorhandler(OperationalError)
     @app.errorhandler(DBAPIError)

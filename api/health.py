@@ -35,7 +35,10 @@ def readyz():
     except Exception as exc:
         checks["redis"] = f"down: {type(exc).__name__}"
     if all(value == "ok" for value in checks.values()):
-        return jsonify({"status": "ready", "checks": checks})
+        response = jsonify({"status": "ready", "checks": checks})
+        if ctx.settings.instance_token:  # lets the dev stack know it is talking to its own API
+            response.headers["X-Heatmaps-Instance"] = ctx.settings.instance_token
+        return response
     down = ", ".join(name for name, value in checks.items() if value != "ok")
     response = jsonify({"error": {"code": "not_ready", "message": f"unavailable: {down}"}, "checks": checks})
     response.status_code = 503

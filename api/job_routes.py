@@ -27,6 +27,7 @@ from api.schemas import (
 )
 from shared import job_metrics, job_store
 from shared.database import session_scope
+from shared.error_text import public_message
 from shared.job_status import ACTIVE, JobStatus
 from shared.tables import Job
 
@@ -87,7 +88,9 @@ def represent(job: Job) -> dict:
             "format": job.image_format,
             "bytes": job.image_bytes,
         },
-        "error": {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
+        "error": {"code": job.error_code, "message": public_message(job.error_message or "")}
+        if job.error_code
+        else None,
         "result": result,
         "retry_of": job.retry_of,
         "url": job_url(job.id),
@@ -224,8 +227,11 @@ class JobResource(MethodView):
                 return represent(job), 202
         with _db() as session:
             job = _load_job(session, job_id)
-            _ctx().storage.delete_job_files(job.id)
-            job_store.delete_finished(session, job.id)
+            if not job_store.delete_finished(session, job.id) and job_store.existing_ids(session, [job.id]):
+                raise ApiError(409, "conflict", "the job became active again meanwhile; look at it again")
+        # Row first, then files: a crash in between leaves files without a row (the
+        # reconciler's orphan sweep removes them), never a row pointing at missing files.
+        _ctx().storage.delete_job_files(job.id)
         return "", 204
 
 

@@ -1,8 +1,10 @@
 """Submitting a job: the one operation behind ``POST /api/v1/jobs``, apart from the view.
 
-Order matters for cost and for correctness: cheap checks first (idempotency, parameters
-against the catalogue, the image header), then the per-key limits, then the only steps that
-write (store the upload, insert the row, send the id). Every failure either leaves nothing
+Order matters for cost and for correctness: the rate limit is counted first and the form
+fields are bounded before anything reads them (a hostile request must not get expensive work
+for free); then cheap checks (idempotency, parameters against the catalogue, the image
+header), the active-jobs quota, and the only steps that write (store the upload, insert the
+row within the quota atomically, send the id). Every failure either leaves nothing
 behind or leaves a row the reconciler finishes (broker down: the row stays `queued`).
 """
 
@@ -26,7 +28,7 @@ from shared.catalog import require_available
 from shared.database import session_scope
 from shared.input_probe import probe_input
 from shared.job_status import JobStatus
-from shared.jobspec import validate_params
+from shared.jobspec import check_field_sizes, validate_params
 from shared.queue import send_job
 from shared.storage import CHUNK, StorageError, mask_key, upload_key, upload_prefix
 from shared.tables import Job, new_job_id
@@ -73,6 +75,8 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
     Raises `InputError` for bad input (mapped to 4xx by the error handlers) and `ApiError`
     for limits (429) and storage outages (503).
     """
+    _count_rate(ctx, submission.owner)  # first: a refused or costly request still counts
+    check_field_sizes(submission.form)  # then bound the fields, before anything reads them
     earlier = _earlier_job(ctx, submission)
     if earlier is not None:
         if earlier.request_fingerprint not in (None, _fingerprint_of(submission)):
@@ -171,8 +175,9 @@ def _earlier_job(ctx: ApiContext, submission: Submission) -> Job | None:
         return job_store.find_by_idempotency_key(session, submission.owner, submission.idempotency_key)
 
 
-def _check_limits(ctx: ApiContext, owner: str) -> None:
-    """Per-key rate limit (Redis; fails open when Redis is down) and active-jobs quota."""
+def _count_rate(ctx: ApiContext, owner: str) -> None:
+    """Per-key rate limit (Redis; fails open when Redis is down), counted for every
+    submission before its form is validated, so that expensive input costs a hit too."""
     settings = ctx.settings
     retry_after = None
     if settings.rate_limit_per_minute:
@@ -187,24 +192,35 @@ def _check_limits(ctx: ApiContext, owner: str) -> None:
             f"more than {settings.rate_limit_per_minute} submissions a minute",
             {"Retry-After": str(retry_after)},
         )
+
+
+def _check_limits(ctx: ApiContext, owner: str) -> None:
+    """Active-jobs quota, early (before the upload is stored); `_insert` re-checks it
+    atomically with the insert, which is what makes it hold under concurrency."""
+    settings = ctx.settings
     if settings.max_active_jobs_per_key:
         with session_scope(settings.resolved_database_url) as session:
             if job_store.count_active(session, owner) >= settings.max_active_jobs_per_key:
-                raise ApiError(
-                    429,
-                    "too_many_active_jobs",
-                    f"at most {settings.max_active_jobs_per_key} queued or running jobs per key",
-                    {"Retry-After": "10"},
-                )
+                raise _quota_error(settings.max_active_jobs_per_key)
+
+
+def _quota_error(limit: int) -> ApiError:
+    return ApiError(
+        429, "too_many_active_jobs", f"at most {limit} queued or running jobs per key", {"Retry-After": "10"}
+    )
 
 
 def _insert(ctx: ApiContext, job: Job, find_winner: Callable[[Session], Job | None]) -> Job | None:
-    """Insert the row; returns the earlier job when a concurrent request won the race for the
-    same unique value (Idempotency-Key, or the retried job); this upload is then removed."""
+    """Insert the row if the owner is within the active-jobs quota (count and insert are
+    one serialized section: `job_store.add_within_quota`); returns the earlier job when a
+    concurrent request won the race for the same unique value (Idempotency-Key, or the
+    retried job). A refused, lost or failed insert removes this upload."""
     url = ctx.settings.resolved_database_url
+    limit = ctx.settings.max_active_jobs_per_key
     try:
         with session_scope(url) as session:
-            session.add(job)
+            if not job_store.add_within_quota(session, job, limit):
+                raise _quota_error(limit)
     except IntegrityError:
         log.info("job %s lost an insert race (Idempotency-Key or retry); answering with the winner", job.id)
         ctx.storage.delete_prefix(upload_prefix(job.id))
@@ -251,6 +267,7 @@ def retry_job(ctx: ApiContext, owner: str, job_id: str) -> Submitted:
     if earlier is not None:
         return Submitted(earlier, created=False)
     ctx.catalog().get(old.model)  # the model must still be offered (400 unknown_model)
+    _count_rate(ctx, owner)
     _check_limits(ctx, owner)
     job = _copy_for_retry(ctx, old)
     winner = _insert(ctx, job, lambda session: job_store.find_retry(session, old.id))

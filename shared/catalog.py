@@ -78,7 +78,8 @@ class ModelInfo:
     def class_indices(self, wanted: Sequence[str | int]) -> list[int]:
         """Model output indices for class names or indices; raises CatalogError("unknown_class")."""
         index = {name: i for i, name in enumerate(self.classes)}
-        out = []
+        out: list[int] = []
+        seen: set[int] = set()  # a set: a long list must not cost quadratic time
         for item in wanted:
             if isinstance(item, int) or (isinstance(item, str) and item.strip().isdecimal()):
                 value = int(item)
@@ -91,7 +92,8 @@ class ModelInfo:
                 if name not in index:
                     raise CatalogError("unknown_class", f"model {self.name!r} has no class {name!r}")
                 value = index[name]
-            if value not in out:
+            if value not in seen:
+                seen.add(value)
                 out.append(value)
         if not out:
             raise CatalogError("unknown_class", "no classes given")
@@ -230,6 +232,25 @@ def _report_once(sidecar: Path, message: str) -> None:
     if (str(sidecar), message) not in _reported:
         _reported.add((str(sidecar), message))
         log.warning("model sidecar %s ignored: %s", sidecar, message)
+
+
+def catalog_fingerprint(folders: Iterable[Path]) -> tuple:
+    """What a catalogue scan depends on: each folder's and each model file's identity and
+    modification time. The API and every worker rescan when it changes, so that both sides
+    see the same models (issue 11: a model added while the stack ran was accepted by the
+    API and unknown to the worker). A few `stat` calls: cheap enough for every request."""
+    marks = []
+    for folder in folders:
+        folder = Path(folder)
+        try:
+            marks.append((str(folder), folder.stat().st_mtime_ns))
+            for path in sorted(folder.iterdir()):
+                if path.suffix in (".json", ".keras", ".h5"):
+                    stat = path.stat()
+                    marks.append((path.name, stat.st_mtime_ns, stat.st_size))
+        except OSError:  # absent or unreadable folder, or a file removed while listing
+            marks.append((str(folder), None))
+    return tuple(marks)
 
 
 class ModelCatalog:

@@ -33,7 +33,10 @@ def free_port() -> int:
 class EmbeddedRedis:
     """redis-server on 127.0.0.1:<port>, with or without AOF persistence."""
 
-    def __init__(self, port: int | None = None, data_dir: str | Path | None = None, appendonly: bool = False):
+    def __init__(
+        self, port: int | None = None, data_dir: str | Path | None = None, appendonly: bool = False, preexec_fn=None
+    ):
+        self.preexec_fn = preexec_fn  # e.g. the dev stack's "die with the parent"
         self.port = port or free_port()
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="redis-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +72,11 @@ class EmbeddedRedis:
             str(self.data_dir / "redis.log"),
         ]
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=self.preexec_fn,
         )
         deadline = time.monotonic() + timeout
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, func, or_, select, tuple_, update
+from sqlalchemy import and_, delete, false, func, or_, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from shared.job_status import ACTIVE, TERMINAL, JobStatus
@@ -50,8 +52,42 @@ def find_retry(session: Session, job_id: str) -> Job | None:
     return session.scalars(select(Job).where(Job.retry_of == job_id)).first()
 
 
+def existing_ids(session: Session, job_ids: list[str]) -> set[str]:
+    """Which of these ids have a row (read from the database, not the session's cache)."""
+    found: set[str] = set()
+    for start in range(0, len(job_ids), 500):
+        chunk = job_ids[start : start + 500]
+        found.update(session.scalars(select(Job.id).where(Job.id.in_(chunk))))
+    return found
+
+
 def count_active(session: Session, owner: str) -> int:
     return session.scalar(select(func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(_ACTIVE)))
+
+
+def _serialize_owner(session: Session, owner: str) -> None:
+    """Hold a lock, until the transaction ends, that every count-and-insert for `owner`
+    takes: PostgreSQL's transaction-scoped advisory lock on a key derived from the owner;
+    on SQLite a write statement (matching no row) takes the database's write lock."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        key = int.from_bytes(hashlib.sha256(f"heatmaps-quota:{owner}".encode()).digest()[:8], "big", signed=True)
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    else:
+        session.execute(update(Job).where(false()).values(status=Job.status))
+
+
+def add_within_quota(session: Session, job: Job, max_active: int) -> bool:
+    """Insert `job` unless its owner already has `max_active` queued or running jobs
+    (0 = no limit). Count and insert are serialized per owner, so that concurrent
+    submissions cannot all count below the limit and all insert (issue 11)."""
+    if max_active:
+        _serialize_owner(session, job.owner)
+        if count_active(session, job.owner) >= max_active:
+            return False
+    session.add(job)
+    session.flush()
+    return True
 
 
 def counts_by_status(session: Session) -> dict[str, int]:
@@ -77,10 +113,20 @@ def encode_cursor(job: Job) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+_CURSOR_ID_RE = re.compile(r"[0-9a-f]{32}")
+_CURSOR_MAX_CHARS = 200
+
+
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) a cursor names, checked strictly: a cursor is client input and
+    its values reach SQL (a NUL byte, say, is a data error on PostgreSQL)."""
     try:
+        if len(cursor) > _CURSOR_MAX_CHARS:
+            raise ValueError("cursor too long")
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, job_id = json.loads(raw)
+        if not (isinstance(created, str) and created.isprintable() and _CURSOR_ID_RE.fullmatch(str(job_id))):
+            raise ValueError("cursor values of the wrong kind")
         return datetime.fromisoformat(created), str(job_id)
     except (ValueError, TypeError, binascii.Error) as exc:
         raise BadCursor("invalid cursor") from exc

@@ -140,6 +140,25 @@ class Settings(BaseSettings):
         None, description="S3-compatible endpoint (MinIO, Ceph, moto) for s3:// STORAGE_URL; unset = AWS."
     )
 
+    # --- dev stack ---------------------------------------------------------------------
+    instance_token: str | None = Field(
+        None,
+        description=(
+            "Sent back by /readyz in the X-Heatmaps-Instance header; the dev stack sets a fresh one per run"
+            " to tell its own API from another process answering on the same port."
+        ),
+    )
+
+    # --- orphan sweep --------------------------------------------------------------------
+    orphan_grace_s: float = Field(
+        3600.0,
+        gt=0,
+        description=(
+            "The reconciler removes upload and result folders of job ids without a row once nothing in them"
+            " changed for this long (longer than storing one upload or one job's results takes)."
+        ),
+    )
+
     @field_validator("worker_preload_models", mode="before")
     @classmethod
     def _split_models(cls, value):

@@ -119,6 +119,18 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*$")
 CHUNK = 1024 * 1024
 
 
+_JOB_ID_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def _modified(info: dict) -> float:
+    """Modification time of an fsspec listing entry: ``mtime`` (local), ``LastModified``
+    (S3, a datetime); 0 when the backend gives none (a pseudo-folder of an object store)."""
+    value = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    if value is None:
+        return 0.0
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
+
+
 class StorageError(RuntimeError):
     """A storage operation failed (disk full, permission, network); transient or not."""
 
@@ -245,6 +257,31 @@ class Storage:
         """Remove a job's results and upload (deleted job, retention, failed unreadable input)."""
         self.delete_prefix(results_prefix(job_id))
         self.delete_prefix(upload_prefix(job_id))
+
+    def job_folders(self) -> dict[str, float]:
+        """Every job id that has an upload or results folder, with the newest modification
+        time (epoch seconds) of the folder or anything in it; for the orphan sweep."""
+        found: dict[str, float] = {}
+        for parent in (upload_prefix(""), results_prefix("")):
+            base = self.path(parent.rstrip("/"))
+            try:
+                entries = self.fs.ls(base, detail=True) if self.fs.exists(base) else []
+            except FileNotFoundError:
+                entries = []
+            for entry in entries:
+                job_id = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+                if _JOB_ID_RE.fullmatch(job_id):
+                    found[job_id] = max(found.get(job_id, 0.0), self._newest(entry))
+        return found
+
+    def _newest(self, entry: dict) -> float:
+        """Newest modification time of a folder entry and everything below it."""
+        times = [_modified(entry)]
+        try:
+            times.extend(_modified(info) for info in self.fs.find(entry["name"], detail=True).values())
+        except FileNotFoundError:
+            pass
+        return max(times)
 
     def _discard(self, path: str) -> None:
         try:

@@ -24,7 +24,7 @@ DOCKERFILE_API = ROOT / "docker" / "Dockerfile.api"
 DOCKERFILE_WORKER = ROOT / "docker" / "Dockerfile.worker"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
-EXPECTED_SERVICES = {"redis", "postgres", "migrate", "api", "worker", "flower"}
+EXPECTED_SERVICES = {"redis", "postgres", "migrate", "api", "nginx", "worker", "flower"}
 # Variables that are not settings fields but are legitimately set in the stack.
 ALLOWED_EVERYWHERE = {
     "KERAS_BACKEND",
@@ -35,6 +35,7 @@ ALLOWED_EVERYWHERE = {
 ALLOWED_PREFIXES = ("POSTGRES_",)
 ALLOWED_FLOWER = {"CELERY_BROKER_URL"}
 ALLOWED_FLOWER_PREFIXES = ("FLOWER_",)
+ALLOWED_NGINX = {"API_UPSTREAM", "LISTEN_ADDRESS", "NGINX_MAX_BODY_MB"}
 APP_SERVICES = ("migrate", "api", "worker")
 
 _INTERP = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -169,13 +170,35 @@ def test_api_service(services):
     assert command[0] == "gunicorn"
     assert "0.0.0.0:8000" in command
     assert "api:create_app()" in command
-    assert "8000:8000" in [str(p) for p in api["ports"]]
+    assert "ports" not in api and "8000" in [str(p) for p in api["expose"]]  # reached through nginx only
     deps = depends_on(api)
     assert deps["migrate"]["condition"] == "service_completed_successfully"
     assert deps["redis"]["condition"] == "service_healthy"
     health = " ".join(api["healthcheck"]["test"])
     assert "python" in health and "/healthz" in health and "curl" not in health
     assert '"/healthz"' in (ROOT / "api" / "health.py").read_text()
+
+
+def test_nginx_fronts_the_api(services):
+    nginx, api = services["nginx"], services["api"]
+    assert nginx["build"]["dockerfile"] == "docker/Dockerfile.nginx"
+    assert "8000:8080" in [str(p) for p in nginx["ports"]]
+    assert environment(nginx)["API_UPSTREAM"] == "api:8000"
+    assert depends_on(nginx)["api"]["condition"] == "service_healthy"
+    assert int(interpolate(environment(nginx)["NGINX_MAX_BODY_MB"])) > float(
+        interpolate(resolved_env(api)["MAX_UPLOAD_MB"])
+    )
+    dockerfile = (ROOT / "docker" / "Dockerfile.nginx").read_text()
+    assert "apt-get install" in dockerfile and " nginx " in dockerfile  # Debian's package
+    assert re.search(r"^USER\s+(?!root)\S+", dockerfile, re.M)
+    for source in _copy_sources(ROOT / "docker" / "Dockerfile.nginx"):
+        assert (ROOT / source).is_file(), source
+    template = (ROOT / "docker" / "nginx.conf.template").read_text()
+    entry = (ROOT / "docker" / "nginx-entrypoint.sh").read_text()
+    for name in set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)\}", template)):
+        assert "${" + name + "}" in entry, f"{name} is not rendered by the entrypoint"
+    command = command_list(api)
+    assert command[command.index("--worker-class") + 1] == "gthread"
 
 
 def test_command_modules_exist(services):
@@ -254,6 +277,8 @@ def test_every_env_var_is_a_setting_or_allowed(services):
     def allowed(name: str, service: str) -> bool:
         if name in SETTINGS_NAMES or name in ALLOWED_EVERYWHERE or name.startswith(ALLOWED_PREFIXES):
             return True
+        if service == "nginx":
+            return name in ALLOWED_NGINX
         return service == "flower" and (name in ALLOWED_FLOWER or name.startswith(ALLOWED_FLOWER_PREFIXES))
 
     unknown = []

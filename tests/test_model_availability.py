@@ -107,11 +107,16 @@ def test_user_model_whose_file_disappears_is_unavailable(tmp_path, redis_server,
     (folder / "mine.h5").write_bytes(b"not really a model")
     stack = _stack(tmp_path, redis_server, models_dir=folder)
     assert _models(stack)["mine"]["available"] is True
-    (folder / "mine.h5").unlink()  # the API's catalogue scan is cached for a few seconds
-    mine = _models(stack)["mine"]
-    assert mine["available"] is False and "mine" in mine["reason"] and str(folder) not in mine["reason"]
+    (folder / "mine.h5").unlink()
+    # The API rescans its catalogue when the model folder changes (issue 11, defect 3): the
+    # sidecar without its model file is then listed under `problems`, no longer as a model.
+    # Were the change not yet seen, the model would be listed as unavailable instead.
+    mine = _models(stack).get("mine")
+    assert mine is None or (mine["available"] is False and str(folder) not in mine["reason"])
     response = _submit(stack, "mine")
-    assert response.status_code == 400 and response.json["error"]["code"] == "model_unavailable"
+    assert response.status_code == 400
+    assert response.json["error"]["code"] in ("model_unavailable", "unknown_model")
+    assert str(folder) not in response.json["error"]["message"]
     stack.close()
 
 

@@ -4,6 +4,13 @@ Idempotent: a duplicate delivery finds the row not `queued` and does nothing. Ar
 to ``results/<job_id>/`` (each file written under a temporary name and renamed), and only
 then is the row committed `succeeded` - by the holder of the claim token alone. Bad input
 fails at once; database and storage faults are retried a bounded number of times.
+
+Files and rows agree (issue 11): right before storing, the worker checks the row itself
+(not only through the periodic heartbeat); a store that fails half-way removes what it
+wrote; and when the commit finds the job no longer held - canceled, failed, or its row
+deleted by the client or by retention meanwhile - the worker removes the results it stored,
+unless the row names another attempt that owns them. What a dying worker leaves behind is
+removed by the reconciler's orphan sweep (`shared.reconcile`).
 """
 
 from __future__ import annotations
@@ -11,7 +18,6 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +30,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from shared import job_metrics, job_store
 from shared.database import session_scope
+from shared.error_text import public_message
 from shared.exceptions import InputError
 from shared.imageio import ImageError
 from shared.job_status import JobStatus
@@ -32,6 +39,7 @@ from shared.settings import Settings
 from shared.storage import Storage, StorageError, artifact_keys, mask_key, results_prefix, upload_prefix
 from worker.engine import run_inference
 from worker.model_registry import ModelRegistry, ModelUnavailableError
+from worker.scratch import make_scratch_dir
 
 log = logging.getLogger("heatmaps.worker")
 T = TypeVar("T")
@@ -41,12 +49,23 @@ class JobCanceled(Exception):
     """The row says this worker no longer holds the job (canceled, or re-queued elsewhere)."""
 
 
+#: The steps of a job at which `WorkerContext.checkpoint` is called, in order.
+CLAIMED, COMPUTED, STORED, COMMITTED = "claimed", "computed", "stored", "committed"
+
+
+def _no_checkpoint(step: str, job_id: str) -> None:
+    return None
+
+
 @dataclass
 class WorkerContext:
     settings: Settings
     storage: Storage
     registry: ModelRegistry
     name: str = socket.gethostname()
+    #: Called as ``checkpoint(step, job_id)`` after each step; tests use it to interleave a
+    #: cancel, a delete, retention or a worker death deterministically with the job's steps.
+    checkpoint: Callable[[str, str], None] = _no_checkpoint
 
 
 def with_retries(settings: Settings, action: Callable[[], T], what: str) -> T:
@@ -93,6 +112,12 @@ class Heartbeat:
         with session_scope(url) as session:
             if not job_store.heartbeat(session, self.job_id, self.token, self.done, self.total):
                 self.lost.set()
+
+    def confirm_held(self) -> None:
+        """Ask the row now (not at the next beat) whether this worker still holds the job;
+        raises JobCanceled when not. Called right before storing results."""
+        with_retries(self.context.settings, self.beat, "check the job before storing")
+        self.progress(self.done, self.total)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.context.settings.heartbeat_interval_s):
@@ -145,10 +170,14 @@ def execute(job_id: str, context: WorkerContext) -> JobStatus | None:
     if token is None:
         log.info("job %s is not queued; duplicate delivery ignored", job_id)
         return None
+    context.checkpoint(CLAIMED, job_id)
     with session_scope(url) as session:
         job = job_store.get_job(session, job_id)
+        if job is None:  # canceled and deleted right after the claim
+            log.info("job %s was deleted as it started; nothing to do", job_id)
+            return JobStatus.canceled
         image_key, raw_params = job.image_key, job.params
-    workdir = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-"))
+    workdir = make_scratch_dir(job_id)
     try:
         with Heartbeat(context, job_id, token) as heartbeat:
             return _run_guarded(job_id, token, image_key, raw_params, context, heartbeat, workdir)
@@ -195,9 +224,12 @@ def _run_guarded(
 
 
 def _fail(context: WorkerContext, job_id: str, token: str, code: str, message: str) -> None:
+    """Record the failure; the row gets the public form of the message (capped, no server
+    paths: clients read it), the worker's log the full one."""
+
     def _write():
         with session_scope(context.settings.resolved_database_url) as session:
-            return job_store.finish_failed(session, job_id, token, code, message)
+            return job_store.finish_failed(session, job_id, token, code, public_message(message))
 
     with_retries(context.settings, _write, "record failure")
     log.info("job %s failed: %s: %s", job_id, code, message)
@@ -236,10 +268,16 @@ def _compute_and_store(
         progress=heartbeat.progress,
         viewer=True,
     )
-    heartbeat.progress(heartbeat.total, heartbeat.total)  # last chance to notice a cancel before storing
+    context.checkpoint(COMPUTED, job_id)
+    heartbeat.confirm_held()  # a job canceled or deleted meanwhile stores nothing
 
     prefix = results_prefix(job_id)
-    with_retries(settings, lambda: storage.put_dir(prefix, out_dir), "store artifacts")
+    try:
+        with_retries(settings, lambda: storage.put_dir(prefix, out_dir), "store artifacts")
+    except BaseException:
+        storage.delete_prefix(prefix)  # no half set of artifacts, whatever happens to the row
+        raise
+    context.checkpoint(STORED, job_id)
     classes = [(c["name"], c["index"]) for c in summary["classes"]]
     map_regions = bool(summary.get("regions", {}).get("map_file"))
     result = {"summary": summary, "artifacts": artifact_keys(job_id, classes, map_regions=map_regions)}
@@ -250,10 +288,23 @@ def _compute_and_store(
 
     if with_retries(settings, _commit, "commit result"):
         log.info("job %s succeeded", job_id)
+        context.checkpoint(COMMITTED, job_id)
         return JobStatus.succeeded
-    # Canceled while storing, or re-queued to another worker: keep the row's truth.
-    with session_scope(settings.resolved_database_url) as session:
-        job = job_store.get_job(session, job_id)
-        if job is not None and job.status == JobStatus.canceled:
-            storage.delete_prefix(prefix)
+    _discard_unowned_results(context, job_id)
     return JobStatus.canceled
+
+
+def _discard_unowned_results(context: WorkerContext, job_id: str) -> None:
+    """The commit found the job no longer held by this attempt. Its stored results stay
+    only when the row names an attempt that owns them (re-queued or running elsewhere: that
+    attempt overwrites and commits them; succeeded: they are that attempt's). A canceled or
+    failed row, or no row at all (deleted by the client or by retention while storing),
+    owns no results: remove them, or they would stay on disk forever."""
+    with session_scope(context.settings.resolved_database_url) as session:
+        job = job_store.get_job(session, job_id)
+        status = job.status if job is not None else None
+    if status in (JobStatus.queued, JobStatus.running, JobStatus.succeeded):
+        log.info("job %s is %s elsewhere; its results stay", job_id, status)
+        return
+    with_retries(context.settings, lambda: context.storage.delete_prefix(results_prefix(job_id)), "discard results")
+    log.info("job %s was %s while storing; its results were removed", job_id, status or "deleted")

@@ -24,6 +24,7 @@ from shared.catalog import (  # noqa: F401 (re-exported: the worker's names for 
     ModelCatalog,
     ModelInfo,
     ModelUnavailableError,
+    catalog_fingerprint,
     load_sidecar,
     resolve_vgg16_weights,
 )
@@ -75,13 +76,23 @@ class ModelRegistry:
     """Loads each model once per process and keeps it."""
 
     def __init__(self, folders, vgg16_weights: Path | None = None):
-        self.catalog = ModelCatalog(folders)
+        self.folders = list(folders)
+        self._fingerprint = catalog_fingerprint(self.folders)
+        self.catalog = ModelCatalog(self.folders)
         self.vgg16_weights = vgg16_weights
         self._loaded: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
 
+    def rescan_if_changed(self) -> None:
+        """Re-read the catalogue when the model folders changed since the last scan, as
+        the API does: a model added while the worker runs is found, a removed one is not."""
+        fingerprint = catalog_fingerprint(self.folders)
+        if fingerprint != self._fingerprint:
+            self.catalog, self._fingerprint = ModelCatalog(self.folders), fingerprint
+
     def info(self, name_or_path: str) -> ModelInfo:
         """A catalogue name, or (for the CLI) a path to a .keras/.h5 file with its sidecar."""
+        self.rescan_if_changed()
         if name_or_path in self.catalog.models:
             return self.catalog.get(name_or_path)
         path = Path(name_or_path)
@@ -97,6 +108,8 @@ class ModelRegistry:
     def load(self, name_or_path: str) -> LoadedModel:
         info = self.info(name_or_path)
         key = str(info.path or info.name)
+        if info.path is not None and info.path.exists():  # a replaced model file is loaded anew
+            key = f"{key}@{info.path.stat().st_mtime_ns}"
         with self._lock:
             loaded = self._loaded.get(key)
             if loaded is None:

@@ -82,6 +82,9 @@ def _init_child(**_kwargs) -> None:
 @worker_ready.connect
 def _start_reconciler(**_kwargs) -> None:
     global _reconciler_stop
+    from worker.scratch import clean_stale_scratch
+
+    clean_stale_scratch()  # what killed workers left in the temp folder
     if settings.worker_reconciler:
         from shared.reconcile import start_thread
 
