@@ -54,6 +54,7 @@ def _layer(layer: str) -> str:
 
 
 @blp.route("/<string:job_id>/viewer", endpoint="manifest")
+@blp.doc(operationId="getViewerManifest")
 @blp.response(200, description="viewer.json: image and heat layers, score ranges, peaks, score grid")
 def manifest(job_id):
     """The viewer's manifest: Deep Zoom layers, each class's score range and peak, the grid."""
@@ -61,6 +62,7 @@ def manifest(job_id):
 
 
 @blp.route("/<string:job_id>/dzi/<string:layer>.dzi", endpoint="descriptor")
+@blp.doc(operationId="getDeepZoomDescriptor")
 @blp.response(200, description="Deep Zoom descriptor (XML)", content_type="application/xml")
 def descriptor(job_id, layer):
     """Deep Zoom descriptor of the image (`image`) or of one class's heat (`heat_<index>`)."""
@@ -68,6 +70,18 @@ def descriptor(job_id, layer):
 
 
 @blp.route("/<string:job_id>/dzi/<string:layer>_files/<int:level>/<int:col>_<int:row>.<string:ext>", endpoint="tile")
+@blp.doc(
+    operationId="getDeepZoomTile",
+    responses={
+        "200": {
+            "description": "one Deep Zoom tile: JPEG for the image layer, PNG with transparency for heat",
+            "content": {
+                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+)
 @blp.response(200, description="one Deep Zoom tile", content_type="image/jpeg")
 def tile(job_id, layer, level, col, row, ext):
     """One tile of a Deep Zoom layer (JPEG for the image, PNG with transparency for heat)."""
