@@ -15,6 +15,11 @@ from shared.exceptions import InputError
 
 MODES = ("direct", "tiled")
 WEIGHTINGS = ("mean", "gaussian")
+# Compute precisions: float32 is exact; bfloat16 and float16 run the model under Keras' mixed
+# policy (float32 weights, scores float32 on output). float16 needs a GPU: the API cannot
+# know the worker's hardware, so a float16 job on a CPU-only worker fails there with
+# `precision_unavailable`.
+PRECISIONS = ("float32", "bfloat16", "float16")
 DEFAULT_TOP_K = 3
 DEFAULT_BATCH_SIZE = 32
 
@@ -40,6 +45,12 @@ FORM_FIELDS: tuple[FormField, ...] = (
     FormField("top_k", "integer", "keep the classes with the highest maxima", default=DEFAULT_TOP_K, minimum=1),
     FormField("classes", "string", "comma-separated class names or indices (instead of top_k)"),
     FormField("weighting", "string", "blending of overlapping windows in the overlays", WEIGHTINGS, "mean"),
+    FormField(
+        "precision",
+        "string",
+        "compute precision; default the worker's WORKER_PRECISION (float32 unless set); float16 needs a GPU worker",
+        PRECISIONS,
+    ),
 )
 FORM_FIELD_NAMES = frozenset(field.name for field in FORM_FIELDS)
 
@@ -62,6 +73,7 @@ class JobParams:
     memory_budget_mb: int = 1024  # direct mode: bound for one tile's activations
     weighting: str = "mean"  # blending of overlapping windows in the overlays
     overlay_max_side: int = 1024
+    precision: str | None = None  # compute precision; None = the worker's default (WORKER_PRECISION)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -147,6 +159,9 @@ def validate_params(
     weighting = raw.get("weighting") or "mean"
     if weighting not in WEIGHTINGS:
         raise ParameterError("invalid_parameter", f"weighting must be one of {', '.join(WEIGHTINGS)}")
+    precision = raw.get("precision") or None
+    if precision is not None and precision not in PRECISIONS:
+        raise ParameterError("invalid_parameter", f"precision must be one of {', '.join(PRECISIONS)}")
     budget = raw.get("memory_budget_mb")
     budget = memory_budget_mb if budget in (None, "") else _integer("memory_budget_mb", budget, 64, 1 << 20)
     return JobParams(
@@ -158,4 +173,5 @@ def validate_params(
         class_indices=class_indices,
         memory_budget_mb=budget,
         weighting=weighting,
+        precision=precision,
     )

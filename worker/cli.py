@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     from worker.model_registry import ModelRegistry  # loads Keras: after parsing
 
-    registry = ModelRegistry(settings.model_dirs, settings.vgg16_weights)
+    registry = ModelRegistry(settings.model_dirs, settings.vgg16_weights, settings.worker_precision)
     if args.command == "models":
         for info in registry.catalog.models.values():
             print(json.dumps(info.public()))

@@ -71,7 +71,7 @@ def run_inference(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    loaded = registry.load(params.model)
+    loaded = registry.load(params.model, params.precision)
     model_seconds = time.perf_counter() - started
 
     clock = time.perf_counter()
@@ -92,6 +92,8 @@ def run_inference(
         "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
         "model": loaded.name,
         "mode": params.mode,
+        "precision": loaded.precision,
+        "device": loaded.device,
         "parameters": params.to_json(),
         "grid": _grid_summary(grid),
         "overlay_size": {"width": overlay_shape[1], "height": overlay_shape[0]},

@@ -127,21 +127,24 @@ class FullyConvolutional:
         (README and ``bench/results/direct_im2col.*`` give the measurements).
         """
         if self.window_conv is None:
-            return keras.ops.convert_to_numpy(self.head(features, training=False))[0]
+            return _as_float32(self.head(features, training=False))[0]
         conv = self.window_conv
         fh, fw = self.feature_window
         _, rows, cols, channels = features.shape
         out_rows, out_cols = rows - fh + 1, cols - fw + 1
-        x = keras.ops.convert_to_tensor(features)
+        # The layer's compute dtype (bfloat16 under a mixed policy): the same casts Keras applies
+        # when the layer runs itself, so that both paths give the same numbers.
+        dtype = conv.compute_dtype
+        x = keras.ops.cast(keras.ops.convert_to_tensor(features), dtype)
         patches = keras.ops.concatenate(
             [x[:, dy : dy + out_rows, dx : dx + out_cols, :] for dy in range(fh) for dx in range(fw)], axis=-1
         )
-        kernel = keras.ops.reshape(conv.kernel, (fh * fw * channels, conv.filters))  # (dy, dx, c) order
+        kernel = keras.ops.cast(keras.ops.reshape(conv.kernel, (fh * fw * channels, conv.filters)), dtype)
         y = keras.ops.matmul(keras.ops.reshape(patches, (out_rows * out_cols, fh * fw * channels)), kernel)
         if conv.use_bias:
-            y = y + conv.bias
+            y = y + keras.ops.cast(conv.bias, dtype)
         y = conv.activation(keras.ops.reshape(y, (1, out_rows, out_cols, conv.filters)))
-        return keras.ops.convert_to_numpy(self.head_rest(y, training=False))[0]
+        return _as_float32(self.head_rest(y, training=False))[0]
 
     def output_shape(self, height: int, width: int) -> tuple[int, int]:
         cells = self.trunk_cells(height, width)
@@ -150,6 +153,11 @@ class FullyConvolutional:
     def trunk_cells(self, height: int, width: int) -> tuple[int, int]:
         shape = self.trunk.compute_output_shape((1, height, width, self.channels))
         return (int(shape[1]), int(shape[2]))
+
+
+def _as_float32(tensor) -> np.ndarray:
+    """Scores leave the engine as float32 whatever the compute precision."""
+    return np.asarray(keras.ops.convert_to_numpy(tensor), dtype=np.float32)
 
 
 def _producer(tensor):
