@@ -90,7 +90,7 @@ class FullyConvolutional:
     """
 
     model: keras.Model
-    trunk: keras.Model
+    trunk: keras.Model  # on JAX a JaxCompiledTrunk wrapping it (same attributes, one XLA program per call)
     head: keras.Model
     window: tuple[int, int]  # native input (h, w)
     feature_window: tuple[int, int]  # feature cells per native window (fh, fw)
@@ -193,7 +193,7 @@ def to_fully_convolutional(model: keras.Model, input_size: tuple[int, int] | Non
 
     trunk_graph = keras.Model(functional.inputs, feature_tensor)
     field = receptive_field(trunk_graph)
-    trunk = _build_trunk(trunk_graph, channels, model.name)
+    trunk = compiled_trunk(_build_trunk(trunk_graph, channels, model.name))
     feature_shape = trunk.compute_output_shape((1, *window, channels))
     feature_window = (int(feature_shape[1]), int(feature_shape[2]))
 
@@ -220,6 +220,40 @@ def to_fully_convolutional(model: keras.Model, input_size: tuple[int, int] | Non
         window_conv=window_conv,
         head_rest=head_rest,
     )
+
+
+class JaxCompiledTrunk:
+    """The trunk as one XLA program on the JAX backend (the GPU path).
+
+    Calling a Keras model eagerly on JAX dispatches layer by layer; this wrapper runs the
+    whole trunk as one ``jax.jit``-compiled function of (weights, image), so XLA fuses it and
+    the weights are arguments (not constants baked into the program). XLA compiles once per
+    input shape and caches the program: direct mode's tiles take at most a few distinct
+    shapes (first, middle and last tile per axis), and repeated image sizes reuse them.
+    Everything else (``layers``, ``output``, ``compute_output_shape``, ``predict``...) is the
+    Keras model's own.
+    """
+
+    def __init__(self, model: keras.Model):
+        import jax
+
+        self.model = model
+        self._run = jax.jit(lambda trainable, fixed, x: model.stateless_call(trainable, fixed, x, training=False)[0])
+
+    def __call__(self, x, training: bool = False):
+        trainable = [v.value for v in self.model.trainable_variables]
+        fixed = [v.value for v in self.model.non_trainable_variables]
+        return self._run(trainable, fixed, keras.ops.convert_to_tensor(x))
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def compiled_trunk(trunk: keras.Model):
+    """The trunk, compiled as one program where the backend does that per call (JAX)."""
+    if keras.backend.backend() == "jax":
+        return JaxCompiledTrunk(trunk)
+    return trunk
 
 
 def _native_input(functional, input_size) -> tuple[tuple[int, int], int]:
