@@ -10,10 +10,10 @@
 #   bench/gpu_bench.sh [TILED] [DIRECT]   # THERE: install what is missing from bench/wheels,
 #                                         # then run (default 1024 4096; ~3-4 minutes on an H100)
 #
-# Tested on CPU at a small size: `JAX_PLATFORMS=cpu PYTHON=.venv/bin/python bench/gpu_bench.sh 224 448`
+# Tested on CPU at a small size: `QUICK=1 JAX_PLATFORMS=cpu PYTHON=.venv/bin/python bench/gpu_bench.sh 224 448`
 # (the README's "GPU path" section gives that run). Options via the environment: PYTHON (default
 # python3), BUDGET_MB (direct mode's memory budget, default 16384: large tiles on a GPU),
-# PRECISIONS (default "float32 bfloat16"), OUT (JSON results, default bench/results/gpu_bench.json).
+# PRECISIONS (default "float32 bfloat16"), QUICK=1 (2048 matmul, 3 repeats), OUT (JSON results, default bench/results/gpu_bench.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -61,6 +61,6 @@ if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | sed 's/^/# GPU: /'
 fi
 # shellcheck disable=SC2086  # PRECISIONS is a list
-"$PY" -m bench.bench_engine --only matmul tiled direct --sizes "$TILED" "$DIRECT" "$DIRECT" \
+"$PY" -m bench.bench_engine ${QUICK:+--quick} --only matmul tiled direct --sizes "$TILED" "$DIRECT" "$DIRECT" \
     --precisions ${PRECISIONS:-float32 bfloat16} --job --warm-same-size \
     --budget "${BUDGET_MB:-16384}" --case-timeout 300 --json "${OUT:-bench/results/gpu_bench.json}"

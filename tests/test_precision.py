@@ -162,3 +162,22 @@ def test_vgg16_random_weights_exact_in_float32_close_in_bfloat16():
     print(f"\nVGG16 random weights, bf16 logits: largest deviation {deviation:.4f} of the range")
     assert got16.dtype == np.float32
     assert 0 < deviation <= VGG16_BOUND
+
+
+@pytest.mark.skipif(compute_device()["kind"] == "gpu", reason="float16 runs on a GPU")
+def test_cli_precision_flag(tmp_path, monkeypatch, capsys):
+    """`heatmap infer --precision`: float16 on a CPU exits 2 with the code; bfloat16 runs and says so."""
+    from shared.settings import get_settings
+    from worker import cli
+
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    image, _ = generate_scene(160, 128, n_objects=1, seed=2, labels=LABELS)
+    Image.fromarray(image).save(tmp_path / "scene.png")
+    base = ["infer", str(tmp_path / "scene.png"), "--model", "shapes", "--top-k", "2"]
+    assert cli.main([*base, "--precision", "float16", "--out", str(tmp_path / "f16")]) == 2
+    assert "error: precision_unavailable:" in capsys.readouterr().err
+    assert cli.main([*base, "--precision", "bfloat16", "--out", str(tmp_path / "bf16")]) == 0
+    assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["precision"] == "bfloat16"
+    get_settings.cache_clear()
