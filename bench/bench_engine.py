@@ -2,6 +2,13 @@
 
     python -m bench.bench_engine [--quick] [--sizes TILED DIRECT LARGE] [--skip-seed-direct]
                                  [--tile-sweep] [--json out.json] [--mem-cap-gb N]
+                                 [--precisions float32 bfloat16] [--job]
+
+``--precisions`` runs every engine case once per compute precision (the seed recipes stay
+float32, as the seed ran) and measures the matrix-product rate in each precision, so that
+the table shows fp32 and bf16 side by side, same run, same image. ``--job`` adds the direct
+case end to end through ``worker.engine.run_inference`` (decode a PNG, infer, write
+heatmap.npz, summary.json and overlays).
 
 Every case runs in a FRESH child process (``python -m bench.bench_engine --child ...``) so
 that its peak RSS is its own. The parent (which never imports TensorFlow) polls the child's
@@ -93,11 +100,13 @@ def chain_macs(model, input_shape) -> float:
     return macs
 
 
-def _build_vgg16():
+def _build_vgg16(precision: str = "float32"):
     import keras
 
+    from worker.compute_precision import apply_precision
+
     keras.utils.set_random_seed(0)
-    return keras.applications.VGG16(weights=None)
+    return apply_precision(keras.applications.VGG16(weights=None), precision)
 
 
 def _image(size: int, seed: int = 0):
@@ -125,9 +134,10 @@ def _case_matmul(spec) -> dict:
     import numpy as np
 
     n, repeats = spec["n"], spec["repeats"]
+    dtype = spec.get("precision", "float32")
     rng = np.random.default_rng(0)
-    a = keras.ops.convert_to_tensor(rng.standard_normal((n, n), dtype=np.float32))
-    b = keras.ops.convert_to_tensor(rng.standard_normal((n, n), dtype=np.float32))
+    a = keras.ops.cast(keras.ops.convert_to_tensor(rng.standard_normal((n, n), dtype=np.float32)), dtype)
+    b = keras.ops.cast(keras.ops.convert_to_tensor(rng.standard_normal((n, n), dtype=np.float32)), dtype)
     keras.ops.convert_to_numpy(keras.ops.matmul(a, b))  # warm-up
     times = []
     for _ in range(repeats):
@@ -143,7 +153,7 @@ def _case_matmul(spec) -> dict:
         "flops": flops,
         "gflops_per_s": flops / best / 1e9,
         "units": None,
-        "note": f"{n}x{n} @ {n}x{n} fp32, best of {repeats}",
+        "note": f"{n}x{n} @ {n}x{n} {dtype}, best of {repeats}",
     }
 
 
@@ -173,7 +183,7 @@ def _case_engine_tiled(spec) -> dict:
     from worker.preprocess import get_preprocess
     from worker.tiled import tiled_inference
 
-    model = _build_vgg16()
+    model = _build_vgg16(spec.get("precision", "float32"))
     image = _image(spec["size"])
     pre = get_preprocess("caffe")
     batch = spec["batch"]
@@ -250,13 +260,15 @@ def _case_engine_direct(spec) -> dict:
     from worker.fcn import to_fully_convolutional
     from worker.preprocess import get_preprocess
 
-    fcn = to_fully_convolutional(_build_vgg16())
+    fcn = to_fully_convolutional(_build_vgg16(spec.get("precision", "float32")))
     size = spec["size"]
     image = _image(size)
     pre = get_preprocess("caffe")
     budget = spec["budget"]
     tile_cells = spec.get("tile_cells") or tile_cells_for_budget(fcn, budget)
     direct_inference(fcn, _image(256, 1), pre, memory_budget_mb=budget, tile_cells=tile_cells)  # warm-up
+    if spec.get("warm_same_size"):  # XLA compiles once per tile shape: a warm worker has seen this size
+        direct_inference(fcn, image, pre, memory_budget_mb=budget, tile_cells=tile_cells)
     rss_before = _rss_now()
     grid, seconds = _timed(lambda: direct_inference(fcn, image, pre, memory_budget_mb=budget, tile_cells=tile_cells))
     useful = _fcn_flops(fcn, size, size)
@@ -277,12 +289,61 @@ def _case_engine_direct(spec) -> dict:
     }
 
 
+def _save_random_vgg16(folder, precision: str):
+    """VGG16 with random weights as a user model (.keras + sidecar) the registry can load."""
+    import json as json_module
+
+    model = _build_vgg16()
+    model.save(os.path.join(folder, "vgg16_random.keras"))
+    sidecar = {"classes": [f"class_{i}" for i in range(1000)], "preprocess": "caffe", "input_size": [224, 224]}
+    with open(os.path.join(folder, "vgg16_random.json"), "w") as handle:
+        json_module.dump(sidecar, handle)
+    return os.path.join(folder, "vgg16_random.keras")
+
+
+def _case_engine_job(spec) -> dict:
+    """One direct job end to end: PNG on disk -> decode -> infer -> heatmap/summary/overlays."""
+    from PIL import Image
+
+    from shared.jobspec import JobParams
+    from worker.engine import run_inference
+    from worker.model_registry import ModelRegistry
+
+    precision, size = spec.get("precision", "float32"), spec["size"]
+    with tempfile.TemporaryDirectory(prefix="bench_job_") as tmp:
+        model_path = _save_random_vgg16(tmp, precision)
+        registry = ModelRegistry([tmp])
+        params = JobParams(
+            model=model_path, mode="direct", top_k=3, precision=precision, memory_budget_mb=spec["budget"]
+        )
+        for side, name in ((256, "warm.png"), (size, "image.png")):
+            Image.fromarray(_image(side)).save(os.path.join(tmp, name))
+        run_inference(os.path.join(tmp, "warm.png"), params, registry, os.path.join(tmp, "warm"), max_pixels=10**9)
+        if spec.get("warm_same_size"):  # a worker serving this image size again: compiled programs reused
+            run_inference(os.path.join(tmp, "image.png"), params, registry, os.path.join(tmp, "w2"), max_pixels=10**9)
+        rss_before = _rss_now()
+        image_path, out = os.path.join(tmp, "image.png"), os.path.join(tmp, "out")
+        summary, seconds = _timed(lambda: run_inference(image_path, params, registry, out, max_pixels=10**9))
+        fcn = registry.load(model_path, precision).fcn
+    return {
+        "seconds": seconds,
+        "units": summary["grid"]["rows"] * summary["grid"]["cols"],
+        "unit_name": "cells",
+        "flops": _fcn_flops(fcn, size, size),
+        "rss_before": rss_before,
+        "timings": summary["timings"],
+        "device": summary["device"],
+        "note": "end to end: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["timings"].items()),
+    }
+
+
 _CASES = {
     "matmul": _case_matmul,
     "seed_tiled": _case_seed_tiled,
     "engine_tiled": _case_engine_tiled,
     "seed_direct": _case_seed_direct,
     "engine_direct": _case_engine_direct,
+    "engine_job": _case_engine_job,
 }
 
 
@@ -408,7 +469,7 @@ def machine_info() -> dict:
     # versions without importing TensorFlow in the parent
     from importlib import metadata
 
-    for dist in ("tensorflow", "tensorflow-cpu", "keras"):
+    for dist in ("tensorflow", "tensorflow-cpu", "keras", "jax", "jaxlib"):
         try:
             info[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -427,7 +488,8 @@ def _peak(result) -> int | None:
     return max(values) if values else None
 
 
-def table(results: list[dict], matmul_rate: float | None) -> str:
+def table(results: list[dict], matmul_rates: dict[str, float]) -> str:
+    """Markdown table; each engine row's "% of matmul" is against the matmul rate of its own precision."""
     head = (
         "| case | implementation | image | seconds | CPU s | windows/cells | peak RSS GB (model GB) "
         "| GFLOP/s | % of matmul | speedup vs seed, wall (CPU) | notes |"
@@ -443,6 +505,7 @@ def table(results: list[dict], matmul_rate: float | None) -> str:
             continue
         ok = r.get("status") == "ok"
         rate = r["flops"] / r["seconds"] / 1e9 if ok and r.get("flops") else None
+        matmul_rate = matmul_rates.get(r.get("precision", "float32"))
         seed_s = seeds.get(r["case"])
         speedup = seed_s / r["seconds"] if ok and seed_s and r["impl"] != "seed" else None
         seed_cpu = seeds_cpu.get(r["case"])
@@ -481,13 +544,16 @@ def build_plan(args) -> list[dict]:
         {
             "case": "matmul",
             "impl": "reference",
-            "label": "matmul",
+            "label": f"matmul {precision}",
             "kind": "matmul",
             "n": 2048 if args.quick else 4096,
             "repeats": 3 if args.quick else 5,
             "size": 0,
+            "precision": precision,
         }
+        for precision in args.precisions
     ]
+    matmuls = list(plan)
     plan.append(
         {
             "case": "tiled",
@@ -527,6 +593,7 @@ def build_plan(args) -> list[dict]:
             "kind": "engine_direct",
             "size": direct,
             "budget": args.budget,
+            "warm_same_size": args.warm_same_size,
         }
     )
     if not args.skip_seed_direct:
@@ -563,9 +630,34 @@ def build_plan(args) -> list[dict]:
                     "tile_cells": cells,
                 }
             )
-    # the matmul reference again at the end: the best of both is used (less noise on a busy box)
-    plan.append(dict(plan[0]))
+    if args.job:
+        plan.append(
+            {
+                "case": "direct",
+                "impl": "engine",
+                "label": f"engine job end to end {args.budget:g} MB",
+                "kind": "engine_job",
+                "size": direct,
+                "budget": args.budget,
+                "warm_same_size": args.warm_same_size,
+            }
+        )
+    plan = _per_precision(plan, args.precisions)
+    # the matmul references again at the end: the best of both is used (less noise on a busy box)
+    plan.extend(dict(spec) for spec in matmuls)
     return plan
+
+
+def _per_precision(plan: list[dict], precisions: list[str]) -> list[dict]:
+    """Every engine case once per precision, next to each other (the seed and matmul cases as they are)."""
+    out = []
+    for spec in plan:
+        if spec["impl"] != "engine":
+            out.append(spec)
+            continue
+        for precision in precisions:
+            out.append(dict(spec, precision=precision, label=f"{spec['label']} {precision}"))
+    return out
 
 
 def main(argv=None) -> int:
@@ -592,6 +684,17 @@ def main(argv=None) -> int:
     parser.add_argument("--case-timeout", type=float, default=3600, help="seconds per case")
     parser.add_argument("--only", nargs="+", help="run only these cases (matmul tiled direct large sweep)")
     parser.add_argument("--json", help="write all results to this JSON file")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "bfloat16", "float16"],
+        help="compute precisions of the engine cases and the matmul reference (default float32)",
+    )
+    parser.add_argument("--job", action="store_true", help="also run the direct case end to end (run_inference)")
+    parser.add_argument(
+        "--warm-same-size", action="store_true", help="direct cases: run the same image size once before timing (XLA)"
+    )
     parser.add_argument("--child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -619,7 +722,7 @@ def main(argv=None) -> int:
     if args.only:
         plan = [p for p in plan if p["case"] in args.only or p["kind"] == "matmul"]
     results = []
-    matmul_rate = None
+    matmul_rates: dict[str, float] = {}
     for spec in plan:
         if spec["kind"] == "seed_direct" and seed_direct_estimate_bytes(spec["size"]) > cap:
             need = seed_direct_estimate_bytes(spec["size"]) / GB
@@ -636,7 +739,8 @@ def main(argv=None) -> int:
         results.append(result)
         if result["status"] == "ok":
             if spec["kind"] == "matmul":
-                matmul_rate = max(matmul_rate or 0.0, result["gflops_per_s"])
+                precision = spec["precision"]
+                matmul_rates[precision] = max(matmul_rates.get(precision, 0.0), result["gflops_per_s"])
                 print(f"{result['gflops_per_s']:.1f} GFLOP/s ({result['note']})", flush=True)
             else:
                 peak = _peak(result)
@@ -652,15 +756,16 @@ def main(argv=None) -> int:
         f"TensorFlow {info.get('tensorflow') or info.get('tensorflow-cpu', '?')}, Keras {info.get('keras', '?')} "
         f"(backend {info['keras_backend']}), load average at start {info['load_avg_at_start'][0]:.2f}"
     )
+    rates = ", ".join(f"{p} {_fmt(r, '{:.1f}')}" for p, r in matmul_rates.items())
     print(
-        f"Reference fp32 matmul rate: {_fmt(matmul_rate, '{:.1f}')} GFLOP/s (best of start and end); "
+        f"Reference matmul rates: {rates} GFLOP/s (best of start and end); "
         f"memory cap {cap / GB:.1f} GB; load average at end {os.getloadavg()[0]:.2f}"
     )
     print()
-    print(table(results, matmul_rate))
+    print(table(results, matmul_rates))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"machine": info, "matmul_gflops_per_s": matmul_rate, "results": results}, handle, indent=2)
+            json.dump({"machine": info, "matmul_gflops_per_s": matmul_rates, "results": results}, handle, indent=2)
         print(f"\nJSON written to {args.json}")
     return 0 if all(r.get("status") in ("ok", "oom") for r in results) else 1
 

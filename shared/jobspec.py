@@ -22,6 +22,11 @@ DEFAULT_WEIGHTING = "max"
 #: mask modes; "image" means a mask picture was sent (the `mask_image` file field, or a path on the CLI)
 MASKS = ("none", "auto", "image")
 MAX_LEVEL = 63
+# Compute precisions: float32 is exact; bfloat16 and float16 run the model under Keras' mixed
+# policy (float32 weights, scores float32 on output). float16 needs a GPU: the API cannot
+# know the worker's hardware, so a float16 job on a CPU-only worker fails there with
+# `precision_unavailable`.
+PRECISIONS = ("float32", "bfloat16", "float16")
 DEFAULT_TOP_K = 3
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_THRESHOLD = 0.5
@@ -93,6 +98,12 @@ FORM_FIELDS: tuple[FormField, ...] = (
         max_length=CALLBACK_URL_MAX_LENGTH,
         api_only=True,
     ),
+    FormField(
+        "precision",
+        "string",
+        "compute precision; default the worker's WORKER_PRECISION (float32 unless set); float16 needs a GPU worker",
+        PRECISIONS,
+    ),
 )
 FORM_FIELD_NAMES = frozenset(field.name for field in FORM_FIELDS)
 
@@ -137,6 +148,7 @@ class JobParams:
     mask_min_fraction: float = 0.25  # windows with less of their area in the mask are not computed
     image_url: str | None = None  # input by reference (checked against INPUT_URL_PREFIXES)
     threshold: float = DEFAULT_THRESHOLD  # regions.geojson: cells scoring at or above this
+    precision: str | None = None  # compute precision; None = the worker's default (WORKER_PRECISION)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -227,6 +239,9 @@ def validate_params(
     weighting = raw.get("weighting") or DEFAULT_WEIGHTING
     if weighting not in WEIGHTINGS:
         raise ParameterError("invalid_parameter", f"weighting must be one of {', '.join(WEIGHTINGS)}")
+    precision = raw.get("precision") or None
+    if precision is not None and precision not in PRECISIONS:
+        raise ParameterError("invalid_parameter", f"precision must be one of {', '.join(PRECISIONS)}")
     budget = raw.get("memory_budget_mb")
     budget = memory_budget_mb if budget in (None, "") else _integer("memory_budget_mb", budget, 64, 1 << 20)
     level, mpp = _resolution(raw)
@@ -245,6 +260,7 @@ def validate_params(
         mask_min_fraction=mask_min_fraction,
         image_url=(raw.get("image_url") or None),
         threshold=_threshold(raw.get("threshold")),
+        precision=precision,
     )
 
 

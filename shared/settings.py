@@ -67,6 +67,24 @@ class Settings(BaseSettings):
     )
     worker_reconciler: bool = Field(True, description="Run the reconciler thread in the worker's main process.")
 
+    # --- precision ----------------------------------------------------------------------
+    worker_precision: str = Field(
+        "float32",
+        description=(
+            "Compute precision of jobs that name none: float32 (exact), bfloat16 (faster on GPUs and on CPUs "
+            "with avx512_bf16/AMX), float16 (GPU only)."
+        ),
+    )
+
+    @field_validator("worker_precision")
+    @classmethod
+    def _check_precision(cls, value: str) -> str:
+        from shared.jobspec import PRECISIONS
+
+        if value not in PRECISIONS:
+            raise ValueError(f"WORKER_PRECISION must be one of {', '.join(PRECISIONS)}")
+        return value
+
     # --- job lifecycle -------------------------------------------------------------------
     job_max_attempts: int = Field(3, ge=1, description="Runs of one job before it is failed (worker deaths count).")
     job_soft_time_limit_s: int = Field(3300, gt=0)

@@ -34,7 +34,8 @@ def run_infer(args: argparse.Namespace) -> int:
     from worker.model_registry import ModelRegistry  # loads Keras: after parsing
 
     settings = get_settings()
-    return _infer(args, settings, ModelRegistry(settings.model_dirs, settings.vgg16_weights))
+    registry = ModelRegistry(settings.model_dirs, settings.vgg16_weights, settings.worker_precision)
+    return _infer(args, settings, registry)
 
 
 class _ProgressBar:

@@ -105,7 +105,7 @@ def run_inference(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    loaded = registry.load(params.model)
+    loaded = registry.load(params.model, params.precision)
     timings = {"model_load_s": time.perf_counter() - started}
     with open_image_source(
         image_source, max_pixels=max_pixels, max_region_pixels=max_region_pixels, min_size=loaded.window
@@ -118,6 +118,8 @@ def run_inference(
             "source": source_summary(info, raster),
             "model": loaded.name,
             "mode": params.mode,
+            "precision": loaded.precision,
+            "device": loaded.device,
             "parameters": params.to_json(),
             "grid": _grid_summary(grid),
             "mask": mask_summary(grid, mask, mask_mode, params.mask_min_fraction),

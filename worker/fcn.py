@@ -90,7 +90,7 @@ class FullyConvolutional:
     """
 
     model: keras.Model
-    trunk: keras.Model
+    trunk: keras.Model  # on JAX a JaxCompiledTrunk wrapping it (same attributes, one XLA program per call)
     head: keras.Model
     window: tuple[int, int]  # native input (h, w)
     feature_window: tuple[int, int]  # feature cells per native window (fh, fw)
@@ -127,21 +127,24 @@ class FullyConvolutional:
         (README and ``bench/results/direct_im2col.*`` give the measurements).
         """
         if self.window_conv is None:
-            return keras.ops.convert_to_numpy(self.head(features, training=False))[0]
+            return _as_float32(self.head(features, training=False))[0]
         conv = self.window_conv
         fh, fw = self.feature_window
         _, rows, cols, channels = features.shape
         out_rows, out_cols = rows - fh + 1, cols - fw + 1
-        x = keras.ops.convert_to_tensor(features)
+        # The layer's compute dtype (bfloat16 under a mixed policy): the same casts Keras applies
+        # when the layer runs itself, so that both paths give the same numbers.
+        dtype = conv.compute_dtype
+        x = keras.ops.cast(keras.ops.convert_to_tensor(features), dtype)
         patches = keras.ops.concatenate(
             [x[:, dy : dy + out_rows, dx : dx + out_cols, :] for dy in range(fh) for dx in range(fw)], axis=-1
         )
-        kernel = keras.ops.reshape(conv.kernel, (fh * fw * channels, conv.filters))  # (dy, dx, c) order
+        kernel = keras.ops.cast(keras.ops.reshape(conv.kernel, (fh * fw * channels, conv.filters)), dtype)
         y = keras.ops.matmul(keras.ops.reshape(patches, (out_rows * out_cols, fh * fw * channels)), kernel)
         if conv.use_bias:
-            y = y + conv.bias
+            y = y + keras.ops.cast(conv.bias, dtype)
         y = conv.activation(keras.ops.reshape(y, (1, out_rows, out_cols, conv.filters)))
-        return keras.ops.convert_to_numpy(self.head_rest(y, training=False))[0]
+        return _as_float32(self.head_rest(y, training=False))[0]
 
     def output_shape(self, height: int, width: int) -> tuple[int, int]:
         cells = self.trunk_cells(height, width)
@@ -150,6 +153,11 @@ class FullyConvolutional:
     def trunk_cells(self, height: int, width: int) -> tuple[int, int]:
         shape = self.trunk.compute_output_shape((1, height, width, self.channels))
         return (int(shape[1]), int(shape[2]))
+
+
+def _as_float32(tensor) -> np.ndarray:
+    """Scores leave the engine as float32 whatever the compute precision."""
+    return np.asarray(keras.ops.convert_to_numpy(tensor), dtype=np.float32)
 
 
 def _producer(tensor):
@@ -185,7 +193,7 @@ def to_fully_convolutional(model: keras.Model, input_size: tuple[int, int] | Non
 
     trunk_graph = keras.Model(functional.inputs, feature_tensor)
     field = receptive_field(trunk_graph)
-    trunk = _build_trunk(trunk_graph, channels, model.name)
+    trunk = compiled_trunk(_build_trunk(trunk_graph, channels, model.name))
     feature_shape = trunk.compute_output_shape((1, *window, channels))
     feature_window = (int(feature_shape[1]), int(feature_shape[2]))
 
@@ -212,6 +220,40 @@ def to_fully_convolutional(model: keras.Model, input_size: tuple[int, int] | Non
         window_conv=window_conv,
         head_rest=head_rest,
     )
+
+
+class JaxCompiledTrunk:
+    """The trunk as one XLA program on the JAX backend (the GPU path).
+
+    Calling a Keras model eagerly on JAX dispatches layer by layer; this wrapper runs the
+    whole trunk as one ``jax.jit``-compiled function of (weights, image), so XLA fuses it and
+    the weights are arguments (not constants baked into the program). XLA compiles once per
+    input shape and caches the program: direct mode's tiles take at most a few distinct
+    shapes (first, middle and last tile per axis), and repeated image sizes reuse them.
+    Everything else (``layers``, ``output``, ``compute_output_shape``, ``predict``...) is the
+    Keras model's own.
+    """
+
+    def __init__(self, model: keras.Model):
+        import jax
+
+        self.model = model
+        self._run = jax.jit(lambda trainable, fixed, x: model.stateless_call(trainable, fixed, x, training=False)[0])
+
+    def __call__(self, x, training: bool = False):
+        trainable = [v.value for v in self.model.trainable_variables]
+        fixed = [v.value for v in self.model.non_trainable_variables]
+        return self._run(trainable, fixed, keras.ops.convert_to_tensor(x))
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def compiled_trunk(trunk: keras.Model):
+    """The trunk, compiled as one program where the backend does that per call (JAX)."""
+    if keras.backend.backend() == "jax":
+        return JaxCompiledTrunk(trunk)
+    return trunk
 
 
 def _native_input(functional, input_size) -> tuple[tuple[int, int], int]:

@@ -2,8 +2,10 @@
 
 Models are found through the catalogue (``shared.catalog``); this module turns a catalogue
 entry into a Keras classifier, its fully convolutional form (converted once, lazily) and
-its preprocessing function. VGG16's ImageNet weights are never downloaded at run time: they
-are resolved from ``VGG16_WEIGHTS`` or Keras' cache (``shared.catalog.resolve_vgg16_weights``,
+its preprocessing function. Each (model, precision) pair is one warm copy: a bfloat16 job
+gets its own copy under Keras' mixed policy (``worker.compute_precision``), so float32 jobs
+on the same worker stay exact. VGG16's ImageNet weights are never downloaded at run time:
+they are resolved from ``VGG16_WEIGHTS`` or Keras' cache (``shared.catalog.resolve_vgg16_weights``,
 the same lookup the API uses to say whether the model is available), and a clear error says
 how to provide them when absent.
 """
@@ -28,8 +30,16 @@ from shared.catalog import (  # noqa: F401 (re-exported: the worker's names for 
     load_sidecar,
     resolve_vgg16_weights,
 )
+from worker.compute_precision import apply_precision, compute_device, precision_problem
 from worker.fcn import FullyConvolutional, to_fully_convolutional
 from worker.preprocess import get_preprocess
+
+
+class PrecisionUnavailableError(ModelUnavailableError):
+    """The job's precision cannot run on this worker (float16 without a GPU); the job fails
+    with this code. The API cannot refuse it: it does not know which worker runs the job."""
+
+    code = "precision_unavailable"
 
 
 @dataclass
@@ -37,12 +47,18 @@ class LoadedModel:
     info: ModelInfo
     classifier: keras.Model
     preprocess: Callable[[np.ndarray], np.ndarray]
+    precision: str = "float32"
     _fcn: FullyConvolutional | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def name(self) -> str:
         return self.info.name
+
+    @property
+    def device(self) -> dict:
+        """The device this copy computes on (backend, cpu/gpu, name), for summary.json."""
+        return compute_device()
 
     @property
     def window(self) -> tuple[int, int]:
@@ -73,14 +89,18 @@ def build_classifier(info: ModelInfo, vgg16_weights: Path | None = None) -> kera
 
 
 class ModelRegistry:
-    """Loads each model once per process and keeps it."""
+    """Loads each (model, precision) once per process and keeps it.
 
-    def __init__(self, folders, vgg16_weights: Path | None = None):
+    ``default_precision`` (the worker's ``WORKER_PRECISION``) applies to jobs that name none.
+    """
+
+    def __init__(self, folders, vgg16_weights: Path | None = None, default_precision: str = "float32"):
         self.folders = list(folders)
         self._fingerprint = catalog_fingerprint(self.folders)
         self.catalog = ModelCatalog(self.folders)
         self.vgg16_weights = vgg16_weights
-        self._loaded: dict[str, LoadedModel] = {}
+        self.default_precision = default_precision
+        self._loaded: dict[tuple[str, str], LoadedModel] = {}
         self._lock = threading.Lock()
 
     def rescan_if_changed(self) -> None:
@@ -105,15 +125,30 @@ class ModelRegistry:
             return load_sidecar(sidecar)
         return self.catalog.get(name_or_path)  # raises unknown_model
 
-    def load(self, name_or_path: str) -> LoadedModel:
+    def load(self, name_or_path: str, precision: str | None = None) -> LoadedModel:
+        """The warm copy of a model in `precision` (None: the registry's default).
+
+        Raises PrecisionUnavailableError (a ModelUnavailableError, code
+        ``precision_unavailable``) for float16 on a worker without a GPU.
+        """
+        precision = precision or self.default_precision
+        problem = precision_problem(precision)
+        if problem is not None:
+            raise PrecisionUnavailableError(problem)
         info = self.info(name_or_path)
         key = str(info.path or info.name)
         if info.path is not None and info.path.exists():  # a replaced model file is loaded anew
             key = f"{key}@{info.path.stat().st_mtime_ns}"
+        key = (key, precision)
         with self._lock:
             loaded = self._loaded.get(key)
             if loaded is None:
-                classifier = build_classifier(info, self.vgg16_weights)
-                loaded = LoadedModel(info=info, classifier=classifier, preprocess=get_preprocess(info.preprocess))
+                classifier = apply_precision(build_classifier(info, self.vgg16_weights), precision)
+                loaded = LoadedModel(
+                    info=info,
+                    classifier=classifier,
+                    preprocess=get_preprocess(info.preprocess),
+                    precision=precision,
+                )
                 self._loaded[key] = loaded
             return loaded

@@ -51,7 +51,7 @@ def get_context():
         from worker.jobrunner import WorkerContext
         from worker.model_registry import ModelRegistry
 
-        registry = ModelRegistry(settings.model_dirs, settings.vgg16_weights)
+        registry = ModelRegistry(settings.model_dirs, settings.vgg16_weights, settings.worker_precision)
         _context = WorkerContext(
             settings=settings,
             storage=Storage.from_settings(settings),
@@ -60,7 +60,7 @@ def get_context():
         )
         for name in settings.preload_models:
             try:
-                loaded = registry.load(name)
+                loaded = registry.load(name)  # in WORKER_PRECISION; other precisions load on first use
                 _ = loaded.fcn  # convert once now, not on the first job
             except Exception as exc:  # a model that cannot load fails its jobs, not the worker
                 log.warning("could not preload model %s: %s", name, exc)
