@@ -162,8 +162,8 @@ def test_database_unavailable_during_updates_recovers(fresh_stack, database):
 def test_disk_full_while_writing_fails_the_job(fresh_stack):
     stack = fresh_stack()
 
-    def small_files():  # writes past 512 KB fail with EFBIG, like a full disk
-        resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024))
+    def small_files():  # writes past 400 KB (the overlay PNGs of this scene) fail with EFBIG, like a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400 * 1024, 400 * 1024))
 
     stack.start_worker(preexec_fn=small_files)
     client = stack.client()
