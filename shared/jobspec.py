@@ -31,6 +31,7 @@ DEFAULT_TOP_K = 3
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_THRESHOLD = 0.5
 CALLBACK_URL_MAX_LENGTH = 2000
+IMAGE_URL_MAX_LENGTH = 4096
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,12 @@ FORM_FIELDS: tuple[FormField, ...] = (
         "windows to compute: none, auto (tissue; the default for slides) or image "
         "(a mask picture sent as the file field `mask_image`)",
     ),
-    FormField("image_url", "string", "instead of an upload: an fsspec URL under the service's INPUT_URL_PREFIXES"),
+    FormField(
+        "image_url",
+        "string",
+        "instead of an upload: an fsspec URL under the service's INPUT_URL_PREFIXES",
+        max_length=IMAGE_URL_MAX_LENGTH,
+    ),
     FormField(
         "threshold", "number", "regions.geojson: cells scoring at or above this form regions", default=DEFAULT_THRESHOLD
     ),
@@ -108,9 +114,10 @@ FORM_FIELDS: tuple[FormField, ...] = (
 FORM_FIELD_NAMES = frozenset(field.name for field in FORM_FIELDS)
 
 #: Longest value of each form field, checked before any other work on the form (issue 11:
-#: a 467 KB `classes` field cost a second of CPU). `classes` fits every class name of a
-#: 1,000-class model (VGG16's list is 10.5 K characters); the others are names or numbers.
-FIELD_MAX_CHARS = {"classes": 16384}
+#: a 467 KB `classes` field cost a second of CPU): each field's `max_length`; fields without
+#: one are names or numbers. `classes` fits every class name of a 1,000-class model (VGG16's
+#: list is 10.5 K characters).
+FIELD_MAX_CHARS = {field.name: field.max_length for field in FORM_FIELDS if field.max_length}
 OTHER_FIELD_MAX_CHARS = 64
 
 
