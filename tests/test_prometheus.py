@@ -94,6 +94,9 @@ def test_prometheus_rates_and_quantiles_survive_retention(fresh_stack, tmp_path)
     try:
         client = stack.client()
         assert client.get("/metrics").status_code == 401  # the token is required
+        # Prometheus must have seen the counters at 0 before the jobs run: increase() counts
+        # from a series' first sample, and a quick job could finish before the first scrape.
+        _wait_value(base, 'heatmap_jobs_finished_total{outcome="succeeded"}', 0)
         image, _ = scene_png(160, 128)
         ids = [stack.submit(client, image).json["id"] for _ in range(4)]
         ids += [stack.submit(client, image, mode="tiled", batch_size=4).json["id"]]

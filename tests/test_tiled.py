@@ -53,6 +53,9 @@ class CountingClassifier:
         self.shapes.append(tuple(np.shape(x)))
         return self.model.predict_on_batch(x)
 
+    def __getattr__(self, name):  # everything else (output shapes...) is the model's
+        return getattr(self.model, name)
+
 
 def reference_scores(model, image, rows, cols, window):
     crops = np.stack([image[r : r + window[0], c : c + window[1]] for r in rows for c in cols])
