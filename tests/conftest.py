@@ -129,20 +129,12 @@ class Stack:
     ) -> subprocess.Popen:
         name = name or f"w{len(self.workers) + 1}"
         log = open(self.tmp_path / f"{name}.log", "ab")
+        from scripts.devstack import worker_command  # the dev stack's own worker command line
+
         cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.tasks",
-            "worker",
-            "--pool=prefork",
-            "--concurrency=1",
-            "-Q",
-            self.settings.queue_name,
+            *worker_command(self.settings),
             "--hostname",
             f"{name}@%h",
-            "--loglevel=INFO",
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
