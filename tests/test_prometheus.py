@@ -60,7 +60,12 @@ scrape_configs:
         stderr=subprocess.STDOUT,
     )
     wait_for_port(port, proc)
-    return proc, f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60  # the port opens before the TSDB is up (queries answer 503)
+    while requests.get(f"{base}/-/ready", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline and proc.poll() is None, "prometheus never became ready"
+        time.sleep(0.2)
+    return proc, base
 
 
 def _query(base: str, promql: str) -> dict[str, float]:
