@@ -374,3 +374,17 @@ def s3_server():
     server = S3Server()
     yield server
     stop_process(server.proc)
+
+
+def read_terminal(master: int) -> bytes:
+    """Everything written to a pseudo-terminal until its other side closes (progress-bar tests)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)

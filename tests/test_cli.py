@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_terminal
 from PIL import Image
 
 keras = pytest.importorskip("keras")
@@ -135,20 +136,12 @@ def test_progress_bar_drawn_on_a_terminal(files, tmp_path):
             stdin=subprocess.DEVNULL,
         )
         os.close(slave)
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
+        output = read_terminal(master)
         proc.stdout.read()
         assert proc.wait(timeout=300) == 0
     finally:
         os.close(master)
-    terminal = b"".join(chunks).decode(errors="replace")
+    terminal = output.decode(errors="replace")
     assert "%|" in terminal and "batch" in terminal
 
 

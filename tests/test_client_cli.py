@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import KEYS, Stack, make_database, scene_png
+from conftest import KEYS, Stack, make_database, read_terminal, scene_png
 from PIL import Image
 
 from shared.embedded_redis import free_port
@@ -143,20 +143,12 @@ def test_progress_bar_on_a_terminal(http_stack, scene, tmp_path):
             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         os.close(slave)
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
+        output = read_terminal(master)
         proc.stdout.read()
         assert proc.wait(timeout=120) == 0
     finally:
         os.close(master)
-    terminal = b"".join(chunks).decode(errors="replace")
+    terminal = output.decode(errors="replace")
     assert "100%|" in terminal and "succeeded" in terminal
 
 
