@@ -16,12 +16,27 @@ at 8192x8192 is 17 GB per tensor). So the trunk runs tile by tile:
 
 The stitched result equals the whole-image pass to float rounding, while peak memory
 depends on the tile size, which comes from the memory budget.
+
+Two schemes compute the trunk (``scheme``):
+
+* ``rows`` (``worker.trunk_stream``): full-width row bands streamed layer by layer, each
+  layer keeping the rows its successor still needs. No halo is recomputed; the band height
+  comes from the budget. Chain trunks only (VGG-like), no mask.
+* ``tiles``: tiles with halos as above. Any trunk; a mask skips the tiles no kept window
+  needs; on JAX every tile has one shape (``uniform``), so XLA compiles the trunk once per
+  job instead of once per distinct tile size.
+
+``auto`` streams when it can on TensorFlow/PyTorch (an image that fits one tile is one pass
+either way), and uses tiles on JAX (the GPU path: one compiled program over large tiles),
+with a mask, with an explicit ``tile_cells``, or for trunks with skip connections. The next
+tile or band is read and preprocessed on a thread while the current one computes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import keras
@@ -30,6 +45,7 @@ import numpy as np
 from shared.analysis_raster import Raster, as_raster
 from worker.fcn import FullyConvolutional
 from worker.grid import KeepFn, ProgressFn, ScoreGrid, report
+from worker.trunk_stream import band_rows_for_budget, stream_plan, stream_rows
 
 # Cap on a tile's size even when the memory budget allows more: in the tile sweep
 # (bench/bench_engine.py --only sweep --tile-sweep) a few cache-friendly tiles beat one huge
@@ -38,6 +54,8 @@ DEFAULT_MAX_TILE_PIXELS = 1600 * 1600
 # Bytes of working memory per byte of the largest activation (input + output of the widest
 # layer plus the convolution library's scratch space).
 ACTIVATION_OVERHEAD = 3.0
+# Direct-mode schemes (see the module docstring).
+SCHEMES = ("auto", "rows", "tiles")
 
 
 @dataclass(frozen=True)
@@ -54,11 +72,16 @@ class Span:
         return self.pixel_start // jump
 
 
-def plan_axis(length: int, jump: int, halo: int, cells_total: int, cells_per_tile: int) -> list[Span]:
+def plan_axis(
+    length: int, jump: int, halo: int, cells_total: int, cells_per_tile: int, uniform: bool = False
+) -> list[Span]:
     """Cut one axis of `length` pixels into tiles of at most `cells_per_tile` trunk cells.
 
     One tile when the whole axis is no larger than a tile with its halo (same memory, no
     recomputation); otherwise the fewest tiles, balanced so no thin sliver is left at the end.
+    With `uniform`, every tile gets the largest tile's pixel size (the first one extends
+    down, the others start earlier): more context never changes a cell, and a compiled
+    trunk (JAX/XLA) then sees one shape instead of recompiling for the edge tiles.
     """
     if cells_per_tile <= 0:
         raise ValueError("cells_per_tile must be positive")
@@ -75,6 +98,14 @@ def plan_axis(length: int, jump: int, halo: int, cells_total: int, cells_per_til
         if pixel_stop < length:
             pixel_stop += (length - pixel_stop) % jump  # same remainder mod stride as the image
         spans.append(Span(cell_start, cell_stop, pixel_start, min(pixel_stop, length)))
+    if uniform:
+        # Every size has the image's remainder mod the stride, so length - common is a multiple of it.
+        common = max(s.pixel_stop - s.pixel_start for s in spans)
+        spans = [
+            Span(s.cell_start, s.cell_stop, start, start + common)
+            for s in spans
+            for start in [min(s.pixel_start, length - common)]
+        ]
     return spans
 
 
@@ -101,6 +132,8 @@ def direct_inference(
     class_indices: Sequence[int] | None = None,
     progress: ProgressFn | None = None,
     keep: KeepFn | None = None,
+    scheme: str = "auto",
+    band_rows: int | None = None,
 ) -> ScoreGrid:
     """Scores of every native window at the network's output stride.
 
@@ -109,48 +142,137 @@ def direct_inference(
         image: ``(H, W, C)`` uint8 pixels or a raster read tile by tile (each tile with its
             halo is read when needed and dropped after); preprocessing is applied per tile.
         preprocess: maps a uint8 crop to the model's float32 input.
-        memory_budget_mb: bound for one tile's activations; decides the tile size.
-        tile_cells: trunk cells per tile side, overriding the budget (whole image: one pass).
+        memory_budget_mb: bound for one tile's (or band's) activations; decides its size.
+        tile_cells: trunk cells per tile side, overriding the budget (whole image: one pass);
+            implies the ``tiles`` scheme under ``auto``.
         class_indices: keep only these model outputs (all when None).
-        progress: ``progress(done, total)`` after each trunk tile computed; may raise to stop.
+        progress: ``progress(done, total)`` after each trunk tile or row band computed; may
+            raise to stop.
         keep: ``keep(rows, cols, window) -> bool grid`` (a mask): other windows are NaN, and
-            trunk tiles no kept window needs are never read.
-    Returns a ScoreGrid with ``rows[i] = i * stride_y`` and ``cols[j] = j * stride_x``.
+            trunk tiles no kept window needs are never read (``tiles`` scheme).
+        scheme: ``auto``, ``rows`` (line-buffer streaming; ValueError where the trunk or a
+            mask rules it out) or ``tiles`` (module docstring).
+        band_rows: input rows per band in the ``rows`` scheme, overriding the budget.
+    Returns a ScoreGrid with ``rows[i] = i * stride_y`` and ``cols[j] = j * stride_x``;
+    ``scheme`` says which scheme ran.
     """
     raster = as_raster(image)
-    height, width = raster.height, raster.width
-    window = fcn.window
-    if height < window[0] or width < window[1]:
-        raise ValueError(f"image {width}x{height} is smaller than the model window {window[1]}x{window[0]}")
-    jump_y, jump_x = fcn.stride
-    cells_y, cells_x = fcn.trunk_cells(height, width)
-    out_rows, out_cols = cells_y - fcn.feature_window[0] + 1, cells_x - fcn.feature_window[1] + 1
-    rows, cols = np.arange(out_rows, dtype=np.int64) * jump_y, np.arange(out_cols, dtype=np.int64) * jump_x
-    computed = None if keep is None else np.asarray(keep(rows, cols, window), dtype=bool)
-    if tile_cells is None:
-        tile_cells = tile_cells_for_budget(fcn, memory_budget_mb)
-    spans_y = plan_axis(height, jump_y, fcn.halo[0], cells_y, tile_cells)
-    spans_x = plan_axis(width, jump_x, fcn.halo[1], cells_x, tile_cells)
-    plan = _TilePlan(spans_y, spans_x, _needed_cells(computed, fcn.feature_window, (cells_y, cells_x)))
+    rows, cols = _window_origins(fcn, raster, scheme)
+    computed = None if keep is None else np.asarray(keep(rows, cols, fcn.window), dtype=bool)
     selection = None if class_indices is None else np.asarray(class_indices, dtype=np.int64)
     head_channels = int(fcn.head.output.shape[-1])
-    stream = _HeadStream.for_grid(fcn, (out_rows, out_cols), memory_budget_mb, selection, computed)
-    counter = [0, plan.total, progress]
-    for span_y in spans_y:
-        stream.add(_trunk_band(fcn, raster, preprocess, span_y, plan, cells_x, counter))
+    stream = _HeadStream.for_grid(fcn, (len(rows), len(cols)), memory_budget_mb, selection, computed)
+    stages = _streaming_stages(fcn, raster.height, raster.width, memory_budget_mb, scheme, tile_cells, computed)
+    if stages is not None:
+        work = _stream_trunk(fcn, raster, preprocess, stages, band_rows, memory_budget_mb, stream, progress)
+    else:
+        work = _tile_trunk(fcn, raster, preprocess, tile_cells, memory_budget_mb, computed, stream, progress)
     if computed is not None:
         stream.scores[~computed] = np.nan  # cells computed only as neighbours of kept ones
     return ScoreGrid(
         stream.scores,
         rows=rows,
         cols=cols,
-        window=window,
-        stride=(jump_y, jump_x),
+        window=fcn.window,
+        stride=fcn.stride,
         class_indices=np.arange(head_channels, dtype=np.int64) if selection is None else selection,
         computed=computed,
-        tiles_read=plan.total,
-        tiles_skipped=len(spans_y) * len(spans_x) - plan.total,
+        tiles_read=work[0],
+        tiles_skipped=work[1],
+        scheme="tiles" if stages is None else "rows",
     )
+
+
+def _window_origins(fcn: FullyConvolutional, raster: Raster, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+    """Top and left pixel of every output row and column, after checking the arguments."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}")
+    height, width = raster.height, raster.width
+    window = fcn.window
+    if height < window[0] or width < window[1]:
+        raise ValueError(f"image {width}x{height} is smaller than the model window {window[1]}x{window[0]}")
+    out_rows, out_cols = fcn.output_shape(height, width)
+    return np.arange(out_rows, dtype=np.int64) * fcn.stride[0], np.arange(out_cols, dtype=np.int64) * fcn.stride[1]
+
+
+def _stream_trunk(fcn: FullyConvolutional, raster: Raster, preprocess, stages, band_rows, budget_mb, stream, progress):
+    """The ``rows`` scheme: full-width bands through the stages into the head; returns (bands read, 0)."""
+    height, width = raster.height, raster.width
+    if band_rows is None:
+        cap = max(1, DEFAULT_MAX_TILE_PIXELS // width)
+        band_rows = band_rows_for_budget(fcn.bytes_per_pixel, width, budget_mb, ACTIVATION_OVERHEAD, cap)
+    bands = [(y, min(height, y + band_rows), 0, width) for y in range(0, height, band_rows)]
+    for features in stream_rows(stages, _prefetched(raster, preprocess, bands, [0, len(bands), progress])):
+        stream.add(features)
+    return len(bands), 0
+
+
+def _tile_trunk(fcn: FullyConvolutional, raster: Raster, preprocess, tile_cells, budget_mb, computed, stream, progress):
+    """The ``tiles`` scheme: tiles with halos, stitched into the head; returns (tiles read, tiles skipped)."""
+    cells_y, cells_x = fcn.trunk_cells(raster.height, raster.width)
+    if tile_cells is None:
+        tile_cells = tile_cells_for_budget(fcn, budget_mb)
+    uniform = keras.backend.backend() == "jax"
+    spans_y = plan_axis(raster.height, fcn.stride[0], fcn.halo[0], cells_y, tile_cells, uniform)
+    spans_x = plan_axis(raster.width, fcn.stride[1], fcn.halo[1], cells_x, tile_cells, uniform)
+    plan = _TilePlan(spans_y, spans_x, _needed_cells(computed, fcn.feature_window, (cells_y, cells_x)))
+    for band in _trunk_bands(fcn, raster, preprocess, spans_y, plan, cells_x, progress):
+        stream.add(band)
+    return plan.total, len(spans_y) * len(spans_x) - plan.total
+
+
+def _streaming_stages(fcn: FullyConvolutional, height, width, memory_budget_mb, scheme, tile_cells, computed):
+    """The trunk's stream stages when the ``rows`` scheme runs, None for ``tiles`` (see the module docstring)."""
+    if scheme == "tiles" or (scheme == "auto" and (tile_cells is not None or computed is not None)):
+        return None
+    if scheme == "auto":
+        if keras.backend.backend() == "jax":
+            return None
+        cells = tile_cells_for_budget(fcn, memory_budget_mb)
+        cells_y, cells_x = fcn.trunk_cells(height, width)
+        one_y = len(plan_axis(height, fcn.stride[0], fcn.halo[0], cells_y, cells)) == 1
+        if one_y and len(plan_axis(width, fcn.stride[1], fcn.halo[1], cells_x, cells)) == 1:
+            return None  # one whole-image pass: nothing to recompute, no per-band overhead
+    elif computed is not None:
+        raise ValueError("the rows scheme computes every window; a mask needs the tiles scheme")
+    stages = stream_plan(fcn.trunk, height)
+    if stages is None and scheme == "rows":
+        raise ValueError("this trunk cannot stream (skip connections or a 'same' average pooling)")
+    return stages
+
+
+def _prefetched(raster: Raster, preprocess, boxes: list[tuple[int, int, int, int]], counter) -> Iterator:
+    """Yield preprocessed crops ``(1, h, w, C)`` of `boxes` (y0, y1, x0, x1), reading and
+    preprocessing the next one on a thread while the caller computes the current one.
+
+    After the caller is done with a crop (it asks for the next), progress is reported;
+    ``counter`` is ``[done, total, progress callback]``. A callback that raises stops the
+    loop; at most the one crop already being read is wasted.
+    """
+
+    def load(box):
+        crop = raster.read(*box)
+        return preprocess(crop)[None]
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        pending = pool.submit(load, boxes[0]) if boxes else None
+        for index in range(len(boxes)):
+            current = pending.result()
+            pending = pool.submit(load, boxes[index + 1]) if index + 1 < len(boxes) else None
+            try:
+                yield current
+            except GeneratorExit:
+                if pending is not None:
+                    pending.cancel()
+                raise
+            del current
+            counter[0] += 1
+            try:
+                report(counter[2], counter[0], counter[1])
+            except BaseException:
+                if pending is not None:
+                    pending.cancel()
+                raise
 
 
 class _TilePlan:
@@ -182,28 +304,28 @@ def _needed_cells(computed: np.ndarray | None, feature_window: tuple[int, int], 
     return count > 0
 
 
-def _trunk_band(fcn: FullyConvolutional, raster: Raster, preprocess, span_y: Span, plan: _TilePlan, cells_x, counter):
-    """Trunk features of one row of tiles, stitched: ``(cells in span_y, cells_x, channels)``.
+def _trunk_bands(fcn: FullyConvolutional, raster: Raster, preprocess, spans_y, plan: _TilePlan, cells_x, progress):
+    """Trunk features of each row of tiles, stitched: ``(cells in span_y, cells_x, channels)`` per row.
 
     Tiles no kept window needs are neither read nor computed (their cells stay zero).
-    ``counter`` is ``[tiles done, total tiles to compute, progress callback]``.
     """
     channels = int(fcn.trunk.output.shape[-1])
-    band = np.zeros((span_y.cell_stop - span_y.cell_start, cells_x, channels), np.float32)
-    for span_x in plan.spans_x:
-        if not plan.wanted(span_y, span_x):
-            continue
-        band[:, span_x.cell_start : span_x.cell_stop] = _trunk_tile(fcn, raster, preprocess, span_y, span_x)
-        counter[0] += 1
-        report(counter[2], counter[0], counter[1])
-    return band
+    tiles = [(sy, sx) for sy in spans_y for sx in plan.spans_x if plan.wanted(sy, sx)]
+    boxes = [(sy.pixel_start, sy.pixel_stop, sx.pixel_start, sx.pixel_stop) for sy, sx in tiles]
+    crops = _prefetched(raster, preprocess, boxes, [0, plan.total, progress])
+    for span_y in spans_y:
+        band = np.zeros((span_y.cell_stop - span_y.cell_start, cells_x, channels), np.float32)
+        for span_x in plan.spans_x:
+            if plan.wanted(span_y, span_x):
+                band[:, span_x.cell_start : span_x.cell_stop] = _trunk_tile(fcn, next(crops), span_y, span_x)
+        yield band
+    for _ in crops:  # no crop is left: this reports the last tile's progress
+        pass
 
 
-def _trunk_tile(fcn: FullyConvolutional, raster: Raster, preprocess, span_y: Span, span_x: Span) -> np.ndarray:
+def _trunk_tile(fcn: FullyConvolutional, crop, span_y: Span, span_x: Span) -> np.ndarray:
     """Trunk features of one tile's interior cells (its halo cells cut off)."""
-    crop = raster.read(span_y.pixel_start, span_y.pixel_stop, span_x.pixel_start, span_x.pixel_stop)
-    features = keras.ops.convert_to_numpy(fcn.trunk(preprocess(crop)[None], training=False))[0]
-    del crop
+    features = keras.ops.convert_to_numpy(fcn.trunk(crop, training=False))[0]
     oy, ox = span_y.offset(fcn.stride[0]), span_x.offset(fcn.stride[1])
     return features[span_y.cell_start - oy : span_y.cell_stop - oy, span_x.cell_start - ox : span_x.cell_stop - ox]
 

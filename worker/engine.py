@@ -219,6 +219,8 @@ def _grid_summary(grid: ScoreGrid) -> dict:
         "cols": int(grid.scores.shape[1]),
         "window": {"height": grid.window[0], "width": grid.window[1]},
         "stride": {"y": int(grid.stride[0]), "x": int(grid.stride[1])},
+        # Direct mode: how the trunk ran ("rows": streamed, no halo; "tiles": with halos).
+        **({"direct_scheme": grid.scheme} if grid.scheme is not None else {}),
     }
 
 

@@ -20,7 +20,7 @@ class UnsupportedModelError(ValueError):
 
 
 # Per-element or per-position layers: they keep the spatial layout and receptive field.
-_POINTWISE = tuple(
+POINTWISE_LAYERS = tuple(
     cls
     for name in (
         "Activation",
@@ -155,7 +155,7 @@ def _layer_field(op, rf: ReceptiveField) -> ReceptiveField:
     if isinstance(op, (layers.Reshape, layers.Flatten, layers.Dense)):
         # Inside the trunk these only appear on a squeeze-excitation branch of shape (1, 1, C).
         return ReceptiveField(rf.jump, rf.size, rf.start, rf.global_layer or op.name)
-    if isinstance(op, _POINTWISE):
+    if isinstance(op, POINTWISE_LAYERS):
         return rf
     raise UnsupportedModelError(
         f"cannot compute the receptive field of layer {name}: it is not a known convolution, pooling, "
