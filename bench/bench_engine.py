@@ -25,8 +25,11 @@ FLOPs are counted analytically (one multiply-add = 2 FLOPs):
   dense: 2 * in_features * units
 VGG16 at 224x224 is 15.47e9 multiply-adds (13 convs + 3 dense), i.e. 2 * 15.47e9 FLOPs per
 window in tiled mode. Direct mode counts the *useful* FLOPs of one whole-image FCN pass
-(trunk convs at the image size + the converted head); the engine additionally recomputes
-tile halos, reported as "halo overhead" (executed / useful FLOPs).
+(trunk convs at the image size + the converted head); the ``tiles`` scheme additionally
+recomputes tile halos, reported as "halo overhead" (executed / useful FLOPs), while the
+``rows`` scheme (line-buffer streaming, the default where the trunk allows) executes only
+the useful FLOPs. The ``stream`` case puts the engine's whole-image pass, rows and tiles
+side by side on a size where all three fit (default 2048x2048).
 """
 
 from __future__ import annotations
@@ -256,6 +259,8 @@ def _case_seed_direct(spec) -> dict:
 
 
 def _case_engine_direct(spec) -> dict:
+    """``direct_inference`` in one scheme: ``rows`` (streamed, no halo), ``tiles`` (halos) or
+    ``whole`` (one whole-image pass through the engine, the reference rate)."""
     from worker.direct import direct_inference, tile_cells_for_budget
     from worker.fcn import to_fully_convolutional
     from worker.preprocess import get_preprocess
@@ -265,25 +270,41 @@ def _case_engine_direct(spec) -> dict:
     image = _image(size)
     pre = get_preprocess("caffe")
     budget = spec["budget"]
-    tile_cells = spec.get("tile_cells") or tile_cells_for_budget(fcn, budget)
-    direct_inference(fcn, _image(256, 1), pre, memory_budget_mb=budget, tile_cells=tile_cells)  # warm-up
+    scheme = spec.get("scheme", "tiles")
+    if scheme == "rows":
+        tile_cells = None
+    elif scheme == "whole":
+        tile_cells, scheme = 10**9, "tiles"
+    else:
+        tile_cells = spec.get("tile_cells") or tile_cells_for_budget(fcn, budget)
+
+    def run(img):
+        return direct_inference(fcn, img, pre, memory_budget_mb=budget, tile_cells=tile_cells, scheme=scheme)
+
+    run(_image(256, 1))  # warm-up
     if spec.get("warm_same_size"):  # XLA compiles once per tile shape: a warm worker has seen this size
-        direct_inference(fcn, image, pre, memory_budget_mb=budget, tile_cells=tile_cells)
+        run(image)
     rss_before = _rss_now()
-    grid, seconds = _timed(lambda: direct_inference(fcn, image, pre, memory_budget_mb=budget, tile_cells=tile_cells))
+    grid, seconds = _timed(lambda: run(image))
     useful = _fcn_flops(fcn, size, size)
-    executed, tiles, side = _engine_executed_flops(fcn, size, size, tile_cells)
-    return {
+    result = {
         "seconds": seconds,
         "units": int(grid.scores.shape[0] * grid.scores.shape[1]),
         "unit_name": "cells",
         "flops": useful,
-        "executed_flops": executed,
         "rss_before": rss_before,
+        "budget_mb": budget,
+        "scheme": grid.scheme,
+    }
+    if grid.scheme == "rows":
+        note = f"budget {budget:g} MB, {grid.tiles_read} row bands, no halo"
+        return result | {"executed_flops": useful, "note": note}
+    executed, tiles, side = _engine_executed_flops(fcn, size, size, tile_cells)
+    return result | {
+        "executed_flops": executed,
         "tiles": tiles,
         "tile_cells": tile_cells,
         "tile_side_px": side,
-        "budget_mb": budget,
         "note": f"budget {budget:g} MB, tile_cells {tile_cells}, {tiles} tiles <= {side} px, "
         f"halo overhead {executed / useful:.2f}x",
     }
@@ -585,17 +606,19 @@ def build_plan(args) -> list[dict]:
                 "size": direct,
             }
         )
-    plan.append(
-        {
-            "case": "direct",
-            "impl": "engine",
-            "label": f"engine direct_inference {args.budget:g} MB",
-            "kind": "engine_direct",
-            "size": direct,
-            "budget": args.budget,
-            "warm_same_size": args.warm_same_size,
-        }
-    )
+    for scheme in ("rows", "tiles"):
+        plan.append(
+            {
+                "case": "direct",
+                "impl": "engine",
+                "label": f"engine direct {scheme} {args.budget:g} MB",
+                "kind": "engine_direct",
+                "size": direct,
+                "budget": args.budget,
+                "scheme": scheme,
+                "warm_same_size": args.warm_same_size,
+            }
+        )
     if not args.skip_seed_direct:
         plan.append(
             {
@@ -610,12 +633,27 @@ def build_plan(args) -> list[dict]:
         {
             "case": "large",
             "impl": "engine",
-            "label": f"engine direct_inference {args.budget:g} MB",
+            "label": f"engine direct rows {args.budget:g} MB",
             "kind": "engine_direct",
             "size": large,
             "budget": args.budget,
+            "scheme": "rows",
         }
     )
+    # Streaming against one whole-image pass on a size where both fit (and the halo tiles).
+    stream_size = args.stream_size or (1024 if args.quick else 2048)
+    for scheme in ("whole", "rows", "tiles"):
+        plan.append(
+            {
+                "case": "stream",
+                "impl": "engine",
+                "label": f"engine direct {scheme}",
+                "kind": "engine_direct",
+                "size": stream_size,
+                "budget": args.budget,
+                "scheme": scheme,
+            }
+        )
     if args.tile_sweep:
         size = args.sweep_size or (2048 if args.quick else 4096)
         for cells in args.sweep_cells or ([8, 16, 28, 40, 64] if args.quick else [12, 20, 28, 40, 56, 72]):
@@ -628,6 +666,7 @@ def build_plan(args) -> list[dict]:
                     "size": size,
                     "budget": args.budget,
                     "tile_cells": cells,
+                    "scheme": "tiles",
                 }
             )
     if args.job:
@@ -675,6 +714,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-size", type=int, help="image side of the direct tile sweep")
     parser.add_argument("--sweep-cells", type=int, nargs="+", help="tile_cells values of the sweep")
     parser.add_argument(
+        "--stream-size", type=int, help="image side of the stream case (whole pass vs rows vs tiles; default 2048)"
+    )
+    parser.add_argument(
         "--batch", type=int, default=32, help="tiled batch size when not sweeping (the service's default)"
     )
     parser.add_argument("--budget", type=float, default=1024, help="direct memory_budget_mb")
@@ -682,7 +724,7 @@ def main(argv=None) -> int:
         "--mem-cap-gb", type=float, help="kill a case above this RSS (default: min(20, available - 2 GB))"
     )
     parser.add_argument("--case-timeout", type=float, default=3600, help="seconds per case")
-    parser.add_argument("--only", nargs="+", help="run only these cases (matmul tiled direct large sweep)")
+    parser.add_argument("--only", nargs="+", help="run only these cases (matmul tiled direct large stream sweep)")
     parser.add_argument("--json", help="write all results to this JSON file")
     parser.add_argument(
         "--precisions",

@@ -84,15 +84,18 @@ def test_bfloat16_finds_every_object_like_float32(registry, tmp_path, mode, seed
 
 
 def test_bfloat16_stitched_equals_whole(registry):
-    """Tiles with halos give the whole-image pass's numbers in bfloat16 too (same per-cell work)."""
+    """Tiles with halos and streamed row bands give the whole-image pass's numbers in bfloat16
+    too (same per-cell work)."""
     loaded = registry.load("shapes", "bfloat16")
     image, _ = generate_scene(517, 389, n_objects=3, seed=5, labels=LABELS)
     whole = direct_inference(loaded.fcn, image, loaded.preprocess, tile_cells=10**9)
     tiles = direct_inference(loaded.fcn, image, loaded.preprocess, tile_cells=7)
-    assert tiles.scores.dtype == np.float32
+    rows = direct_inference(loaded.fcn, image, loaded.preprocess, scheme="rows", band_rows=37)
+    assert tiles.scores.dtype == rows.scores.dtype == np.float32
     assert float(whole.scores.std()) > 0.05
     # bfloat16 keeps 8 mantissa bits (relative step 2**-8 = 0.004); the measured difference is ~1e-7.
     assert float(np.abs(tiles.scores - whole.scores).max()) <= 1e-3
+    assert float(np.abs(rows.scores - whole.scores).max()) <= 1e-3
 
 
 def test_registry_keeps_one_warm_copy_per_precision(registry):
