@@ -18,7 +18,7 @@ from flask import current_app
 from flask_smorest.fields import Upload
 
 from shared.job_status import JobStatus
-from shared.jobspec import FORM_FIELDS, FormField, JobParams
+from shared.jobspec import DIRECT_SCHEMES, FORM_FIELDS, FormField, JobParams
 from shared.webhook_store import WebhookState
 
 STATUSES = [status.value for status in JobStatus]
@@ -68,6 +68,13 @@ class GridSchema(ma.Schema):
     cols = ma.fields.Integer(required=True, metadata={"description": "score cells across"})
     window = ma.fields.Nested(SizeSchema, required=True, metadata={"description": "pixels one cell looks at"})
     stride = ma.fields.Nested(StrideSchema, required=True, metadata={"description": "pixels between cells"})
+    direct_scheme = ma.fields.String(
+        validate=ma.validate.OneOf(DIRECT_SCHEMES[1:]),
+        metadata={
+            "description": "direct mode only: how the trunk ran ('rows': streamed row bands, no halo "
+            "recomputation; 'tiles': tiles with halos, e.g. under a mask)"
+        },
+    )
 
 
 class TimingsSchema(ma.Schema):

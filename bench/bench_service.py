@@ -1,6 +1,7 @@
 """Service overhead benchmark: what the job system adds around inference.
 
     python -m bench.bench_service [--jobs 200] [--clients 50] [--seconds 20]
+                                  [--precisions float32 bfloat16]
 
 Starts the embedded stack (SQLite, local storage, embedded Redis, gunicorn API, one warm
 worker), then:
@@ -8,7 +9,8 @@ worker), then:
 1. submits `--jobs` small jobs one after another to the idle worker with the bundled model,
    and reports median and p95 of submit -> running (the row's `started_at` minus the moment
    the client sent the request) and of the service overhead (end to end, up to the row's
-   `finished_at`, minus the job's own inference seconds);
+   `finished_at`, minus the job's own inference seconds); once per `--precisions` entry
+   (the job's `precision` field; the worker keeps a warm copy per precision);
 2. polls a job's status from `--clients` concurrent clients for `--seconds` and reports
    requests per second, p50/p99 latency and the error count.
 
@@ -39,7 +41,7 @@ def percentile(values, q):
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def submit_latencies(base: str, jobs: int) -> dict:
+def submit_latencies(base: str, jobs: int, precision: str = "float32") -> dict:
     image, _ = generate_scene(256, 256, n_objects=1, seed=1)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
@@ -51,7 +53,7 @@ def submit_latencies(base: str, jobs: int) -> dict:
         response = session.post(
             f"{base}/api/v1/jobs",
             files={"image": ("s.png", payload, "image/png")},
-            data={"classes": "circle"},
+            data={"classes": "circle", "precision": precision},
             timeout=30,
         )
         response.raise_for_status()
@@ -72,8 +74,11 @@ def submit_latencies(base: str, jobs: int) -> dict:
         end_to_end.append((finished - sent) * 1000)
         inference.append(infer * 1000)
         overhead.append((finished - sent - infer) * 1000)
+    if job["params"].get("precision") != precision:
+        raise SystemExit(f"the job asked for {job['params'].get('precision')}, not {precision}")
     return {
         "jobs": jobs,
+        "precision": precision,
         "submit_to_running_ms": {"p50": percentile(to_running, 50), "p95": percentile(to_running, 95)},
         "overhead_ms": {"p50": percentile(overhead, 50), "p95": percentile(overhead, 95)},
         "end_to_end_ms": {"p50": percentile(end_to_end, 50), "p95": percentile(end_to_end, 95)},
@@ -129,6 +134,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--precisions", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     args = parser.parse_args()
     from shared.embedded_redis import free_port
 
@@ -136,19 +142,26 @@ def main() -> int:
     os.environ.setdefault("MAX_ACTIVE_JOBS_PER_KEY", "0")
     with ExitStack() as stack:
         base, _ = start_stack(stack, free_port(), quiet=True)
-        latency = submit_latencies(base, args.jobs)
+        latencies = [submit_latencies(base, args.jobs, precision) for precision in args.precisions]
         load = polling_load(base, args.clients, args.seconds)
-    print("\n| measure | p50 | p95 |\n|---|---|---|")
-    for key in ("submit_to_running_ms", "overhead_ms", "end_to_end_ms"):
-        print(f"| {key} ({latency['jobs']} jobs) | {latency[key]['p50']:.1f} | {latency[key]['p95']:.1f} |")
-    print(f"| inference_ms (bundled model, 256x256) | {latency['inference_ms']['p50']:.1f} | |")
+    print("\n| measure | precision | p50 | p95 |\n|---|---|---|---|")
+    for latency in latencies:
+        for key in ("submit_to_running_ms", "overhead_ms", "end_to_end_ms"):
+            print(
+                f"| {key} ({latency['jobs']} jobs) | {latency['precision']} "
+                f"| {latency[key]['p50']:.1f} | {latency[key]['p95']:.1f} |"
+            )
+        print(
+            f"| inference_ms (bundled model, 256x256) | {latency['precision']} "
+            f"| {latency['inference_ms']['p50']:.1f} | |"
+        )
     print(
         f"\nstatus polling: {load['clients']} clients for {load['seconds']} s: {load['rps']:.0f} req/s, "
         f"p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, errors {load['errors']} of {load['requests']}"
     )
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"latency": latency, "polling": load}, handle, indent=2)
+            json.dump({"latency": latencies, "polling": load}, handle, indent=2)
     return 0
 
 

@@ -27,6 +27,9 @@ MAX_LEVEL = 63
 # know the worker's hardware, so a float16 job on a CPU-only worker fails there with
 # `precision_unavailable`.
 PRECISIONS = ("float32", "bfloat16", "float16")
+# How direct mode computes the trunk (worker.direct): "rows" streams full-width row bands layer
+# by layer (no halo recomputation), "tiles" uses tiles with halos; "auto" picks per job.
+DIRECT_SCHEMES = ("auto", "rows", "tiles")
 DEFAULT_TOP_K = 3
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_THRESHOLD = 0.5

@@ -309,9 +309,10 @@ def test_tile_cells_for_budget_grows_with_budget_and_fits(toy):
     for mb, cells in zip((0.5, 5, 50), values[1:], strict=True):
         side = cells * toy.stride[0] + 2 * math.ceil(max(toy.halo) / toy.stride[0]) * toy.stride[0]
         assert side * side * toy.bytes_per_pixel * 3.0 <= mb * 2**20 * 1.0001
-    # The pixel cap bounds the tile regardless of the budget.
+    # The pixel cap bounds the tile regardless of the budget; without it (a GPU) the budget alone does.
     capped = tile_cells_for_budget(toy, 10**6, max_tile_pixels=200 * 200)
     assert capped * toy.stride[0] <= 200
+    assert tile_cells_for_budget(toy, 10**6, max_tile_pixels=None) > tile_cells_for_budget(toy, 10**6)
     assert tile_cells_for_budget(toy, 1e-9) == 1
 
 

@@ -142,6 +142,9 @@ def test_direct_and_tiled_from_source_equal_in_memory(registry, scene_tiff):
             whole = direct_inference(loaded.fcn, levels[level], loaded.preprocess, tile_cells=10**9)
             assert tiles.tiles_read > 4
             np.testing.assert_allclose(tiles.scores, whole.scores, rtol=0, atol=1e-4)
+            rows = direct_inference(loaded.fcn, raster, loaded.preprocess, scheme="rows", band_rows=40)
+            assert rows.scheme == "rows" and rows.tiles_read > 4  # full-width bands read from the source
+            np.testing.assert_allclose(rows.scores, whole.scores, rtol=0, atol=1e-4)
             batched = tiled_inference(
                 loaded.classifier, raster, loaded.preprocess, window=(64, 64), stride=24, batch_size=32
             )

@@ -43,19 +43,20 @@ import keras
 import numpy as np
 
 from shared.analysis_raster import Raster, as_raster
+from shared.jobspec import DIRECT_SCHEMES
+from worker.compute_precision import compute_device
 from worker.fcn import FullyConvolutional
 from worker.grid import KeepFn, ProgressFn, ScoreGrid, report
 from worker.trunk_stream import band_rows_for_budget, stream_plan, stream_rows
 
-# Cap on a tile's size even when the memory budget allows more: in the tile sweep
-# (bench/bench_engine.py --only sweep --tile-sweep) a few cache-friendly tiles beat one huge
-# pass despite the halo recomputation, and larger tiles only cost memory.
+# Cap on a tile's size (and a row band's) on a CPU even when the memory budget allows more: in
+# the tile sweep (bench/bench_engine.py --only sweep --tile-sweep) a few cache-friendly tiles
+# beat one huge pass despite the halo recomputation, and larger tiles only cost memory. Not
+# applied on a GPU, where the largest tile the budget allows is fastest.
 DEFAULT_MAX_TILE_PIXELS = 1600 * 1600
 # Bytes of working memory per byte of the largest activation (input + output of the widest
 # layer plus the convolution library's scratch space).
 ACTIVATION_OVERHEAD = 3.0
-# Direct-mode schemes (see the module docstring).
-SCHEMES = ("auto", "rows", "tiles")
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,12 @@ def plan_axis(
 
 
 def tile_cells_for_budget(
-    fcn: FullyConvolutional, memory_budget_mb: float, max_tile_pixels: int = DEFAULT_MAX_TILE_PIXELS
+    fcn: FullyConvolutional, memory_budget_mb: float, max_tile_pixels: int | None = DEFAULT_MAX_TILE_PIXELS
 ) -> int:
-    """Cells per tile side so that one tile's trunk activations fit the budget."""
+    """Cells per tile side so that one tile's trunk activations fit the budget (and the
+    pixel cap, None for none)."""
     budget_pixels = memory_budget_mb * 2**20 / (fcn.bytes_per_pixel * ACTIVATION_OVERHEAD)
-    side = math.sqrt(min(budget_pixels, max_tile_pixels))
+    side = math.sqrt(budget_pixels if max_tile_pixels is None else min(budget_pixels, max_tile_pixels))
     halo = max(fcn.halo)
     jump = max(fcn.stride)
     halo_px = math.ceil(halo / jump) * jump
@@ -185,8 +187,8 @@ def direct_inference(
 
 def _window_origins(fcn: FullyConvolutional, raster: Raster, scheme: str) -> tuple[np.ndarray, np.ndarray]:
     """Top and left pixel of every output row and column, after checking the arguments."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}")
+    if scheme not in DIRECT_SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(DIRECT_SCHEMES)}")
     height, width = raster.height, raster.width
     window = fcn.window
     if height < window[0] or width < window[1]:
@@ -211,7 +213,9 @@ def _tile_trunk(fcn: FullyConvolutional, raster: Raster, preprocess, tile_cells,
     """The ``tiles`` scheme: tiles with halos, stitched into the head; returns (tiles read, tiles skipped)."""
     cells_y, cells_x = fcn.trunk_cells(raster.height, raster.width)
     if tile_cells is None:
-        tile_cells = tile_cells_for_budget(fcn, budget_mb)
+        # The cap is a CPU cache effect; a GPU wants the largest tiles its budget allows.
+        cap = None if compute_device()["kind"] == "gpu" else DEFAULT_MAX_TILE_PIXELS
+        tile_cells = tile_cells_for_budget(fcn, budget_mb, cap)
     uniform = keras.backend.backend() == "jax"
     spans_y = plan_axis(raster.height, fcn.stride[0], fcn.halo[0], cells_y, tile_cells, uniform)
     spans_x = plan_axis(raster.width, fcn.stride[1], fcn.halo[1], cells_x, tile_cells, uniform)
