@@ -271,6 +271,7 @@ def _case_engine_direct(spec) -> dict:
     pre = get_preprocess("caffe")
     budget = spec["budget"]
     scheme = spec.get("scheme", "tiles")
+    band_rows = spec.get("band_rows")
     if scheme == "rows":
         tile_cells = None
     elif scheme == "whole":
@@ -279,7 +280,9 @@ def _case_engine_direct(spec) -> dict:
         tile_cells = spec.get("tile_cells") or tile_cells_for_budget(fcn, budget)
 
     def run(img):
-        return direct_inference(fcn, img, pre, memory_budget_mb=budget, tile_cells=tile_cells, scheme=scheme)
+        return direct_inference(
+            fcn, img, pre, memory_budget_mb=budget, tile_cells=tile_cells, scheme=scheme, band_rows=band_rows
+        )
 
     run(_image(256, 1))  # warm-up
     if spec.get("warm_same_size"):  # XLA compiles once per tile shape: a warm worker has seen this size
@@ -654,6 +657,19 @@ def build_plan(args) -> list[dict]:
                 "scheme": scheme,
             }
         )
+    for rows in args.band_sweep or []:
+        plan.append(
+            {
+                "case": "bands",
+                "impl": "engine",
+                "label": f"engine direct rows, {rows}-row bands",
+                "kind": "engine_direct",
+                "size": args.sweep_size or 4096,
+                "budget": args.budget,
+                "scheme": "rows",
+                "band_rows": rows,
+            }
+        )
     if args.tile_sweep:
         size = args.sweep_size or (2048 if args.quick else 4096)
         for cells in args.sweep_cells or ([8, 16, 28, 40, 64] if args.quick else [12, 20, 28, 40, 56, 72]):
@@ -711,8 +727,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--skip-seed-direct", action="store_true", help="skip the seed whole-image runs")
     parser.add_argument("--tile-sweep", action="store_true", help="also sweep tiled batch sizes and direct tile sizes")
-    parser.add_argument("--sweep-size", type=int, help="image side of the direct tile sweep")
+    parser.add_argument("--sweep-size", type=int, help="image side of the direct tile and band sweeps")
     parser.add_argument("--sweep-cells", type=int, nargs="+", help="tile_cells values of the sweep")
+    parser.add_argument(
+        "--band-sweep", type=int, nargs="+", help="rows scheme band heights to time (case 'bands', --sweep-size side)"
+    )
     parser.add_argument(
         "--stream-size", type=int, help="image side of the stream case (whole pass vs rows vs tiles; default 2048)"
     )
@@ -724,7 +743,7 @@ def main(argv=None) -> int:
         "--mem-cap-gb", type=float, help="kill a case above this RSS (default: min(20, available - 2 GB))"
     )
     parser.add_argument("--case-timeout", type=float, default=3600, help="seconds per case")
-    parser.add_argument("--only", nargs="+", help="run only these cases (matmul tiled direct large stream sweep)")
+    parser.add_argument("--only", nargs="+", help="run only these cases (matmul tiled direct large stream sweep bands)")
     parser.add_argument("--json", help="write all results to this JSON file")
     parser.add_argument(
         "--precisions",

@@ -110,8 +110,8 @@ def test_every_layer_computes_each_row_once_with_small_line_buffers(case):
     for stage in stages:
         original = stage.push
 
-        def push(rows, stage=stage, original=original):
-            out = original(rows)
+        def push(pending, stage=stage, original=original):
+            out = original(pending)
             if out is not None:
                 emitted[id(stage)] += int(out.shape[1])
             if stage.received < stage.in_rows:

@@ -54,6 +54,11 @@ from worker.trunk_stream import band_rows_for_budget, stream_plan, stream_rows
 # beat one huge pass despite the halo recomputation, and larger tiles only cost memory. Not
 # applied on a GPU, where the largest tile the budget allows is fastest.
 DEFAULT_MAX_TILE_PIXELS = 1600 * 1600
+# Cap on a row band's pixels (rows scheme): measured on VGG16 (bench/results/streaming.*),
+# 0.5 MP bands (128 rows at 4096 px wide) ran as fast as 1 MP bands or faster, with a
+# third of the memory above the model (0.22 vs 0.92 GB); much smaller bands add per-call
+# overhead (32-row bands at 2048 px: 1.27x slower).
+DEFAULT_MAX_BAND_PIXELS = 2**19
 # Bytes of working memory per byte of the largest activation (input + output of the widest
 # layer plus the convolution library's scratch space).
 ACTIVATION_OVERHEAD = 3.0
@@ -201,7 +206,7 @@ def _stream_trunk(fcn: FullyConvolutional, raster: Raster, preprocess, stages, b
     """The ``rows`` scheme: full-width bands through the stages into the head; returns (bands read, 0)."""
     height, width = raster.height, raster.width
     if band_rows is None:
-        cap = max(1, DEFAULT_MAX_TILE_PIXELS // width)
+        cap = max(1, DEFAULT_MAX_BAND_PIXELS // width)
         band_rows = band_rows_for_budget(fcn.bytes_per_pixel, width, budget_mb, ACTIVATION_OVERHEAD, cap)
     bands = [(y, min(height, y + band_rows), 0, width) for y in range(0, height, band_rows)]
     for features in stream_rows(stages, _prefetched(raster, preprocess, bands, [0, len(bands), progress])):

@@ -12,7 +12,7 @@ line buffers (a few rows per layer), not by the image height.
 Each layer runs as its "valid" twin on rows padded explicitly: the padding that a 'same'
 layer adds around the whole image (TensorFlow's rule: ``total = max((out - 1) * stride +
 kernel - size, 0)``, ``before = total // 2``) is added to the first and last bands only, and
-to both sides of every row (rows span the whole width). Zero for convolutions, -inf for
+to both sides of every row as it arrives (rows span the whole width). Zero for convolutions, -inf for
 max pooling (which ignores padding). So every output value is computed from exactly the
 inputs the whole-image pass uses, and the streamed map equals it to float rounding.
 
@@ -45,8 +45,10 @@ class StreamStage:
     """One windowed layer (and the per-pixel layers after it), seen along the row axis.
 
     Output row ``r`` reads input rows ``[r * stride - pad_top, r * stride - pad_top + kernel)``;
-    rows outside ``[0, in_rows)`` are padding of value ``fill``. ``apply`` runs the layer on
-    such a padded band of full-width rows (it pads the columns itself) and returns its rows.
+    rows outside ``[0, in_rows)`` are padding of value ``fill``. Arriving rows are padded on
+    both sides first (``pad_columns``, as the layer pads the image's width), so the buffer
+    holds padded rows and ``apply`` (the layer's 'valid' twin, or a column pad/crop) runs on
+    a slice of it without another copy.
     """
 
     name: str
@@ -57,6 +59,7 @@ class StreamStage:
     out_rows: int
     fill: float
     apply: Callable
+    pad_columns: Callable | None = None
     buffer: object = None  # input rows [buffer_start, received) not yet consumed
     buffer_start: int = 0
     received: int = 0
@@ -66,10 +69,16 @@ class StreamStage:
     def reset(self) -> None:
         self.buffer, self.buffer_start, self.received, self.next_out = None, 0, 0, 0
 
-    def push(self, rows):
-        """Take the next input rows; return every output row they complete (or None)."""
-        self.buffer = rows if self.buffer is None else keras.ops.concatenate([self.buffer, rows], axis=1)
+    def push(self, pending: list):
+        """Take the next input rows (popped from `pending`, so that the caller holds no
+        reference and they are freed as soon as they are copied into the buffer); return
+        every output row they complete, or None."""
+        rows = pending.pop()
+        if self.pad_columns is not None:
+            rows = self.pad_columns(rows)
         self.received += int(rows.shape[1])
+        self.buffer = rows if self.buffer is None else keras.ops.concatenate([self.buffer, rows], axis=1)
+        del rows
         self._drop_unneeded()
         if self.received >= self.in_rows:
             ready = self.out_rows
@@ -79,11 +88,13 @@ class StreamStage:
             return None
         start = self.next_out * self.stride - self.pad_top
         stop = (ready - 1) * self.stride - self.pad_top + self.kernel
-        band = self.buffer[:, max(start, 0) - self.buffer_start : min(stop, self.in_rows) - self.buffer_start]
+        first, last = max(start, 0) - self.buffer_start, min(stop, self.in_rows) - self.buffer_start
+        band = self.buffer if (first, last) == (0, int(self.buffer.shape[1])) else self.buffer[:, first:last]
         above, below = max(0, -start), max(0, stop - self.in_rows)
         if above or below:
             band = keras.ops.pad(band, [[0, 0], [above, below], [0, 0], [0, 0]], constant_values=self.fill)
         out = self.apply(band)
+        del band
         for layer in self.after:
             out = layer(out, training=False)
         self.next_out = ready
@@ -93,8 +104,9 @@ class StreamStage:
     def _drop_unneeded(self) -> None:
         """Forget input rows above the next output's window (skipped rows too when kernel < stride)."""
         keep_from = max(self.buffer_start, min(self.next_out * self.stride - self.pad_top, self.received))
-        self.buffer = self.buffer[:, keep_from - self.buffer_start :]
-        self.buffer_start = keep_from
+        if keep_from > self.buffer_start:
+            self.buffer = self.buffer[:, keep_from - self.buffer_start :]
+            self.buffer_start = keep_from
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
@@ -177,25 +189,21 @@ def _stage(layer, rows: int) -> StreamStage | None:
         top, _, out_rows = same_padding(rows, effective[0], stride[0])
     else:
         top, out_rows = 0, (rows - effective[0]) // stride[0] + 1
-    valid = _valid_twin(layer)
-    return StreamStage(
-        layer.name, effective[0], stride[0], top, rows, out_rows, fill, _ColumnPadded(valid, layer, effective[1], fill)
-    )
+    pad_columns = _ColumnPad(effective[1], stride[1], fill) if layer.padding == "same" else None
+    return StreamStage(layer.name, effective[0], stride[0], top, rows, out_rows, fill, _valid_twin(layer), pad_columns)
 
 
-class _ColumnPadded:
-    """Run a 'valid' twin of a layer on rows padded on both sides as the original pads its width."""
+class _ColumnPad:
+    """Pad full-width rows on both sides as a 'same' layer pads the image's width."""
 
-    def __init__(self, valid, layer, kernel_cols: int, fill: float):
-        self.valid, self.same = valid, layer.padding == "same"
-        self.kernel_cols, self.stride_cols, self.fill = kernel_cols, layer.strides[1], fill
+    def __init__(self, kernel_cols: int, stride_cols: int, fill: float):
+        self.kernel_cols, self.stride_cols, self.fill = kernel_cols, stride_cols, fill
 
-    def __call__(self, band):
-        if self.same:
-            left, right, _ = same_padding(int(band.shape[2]), self.kernel_cols, self.stride_cols)
-            if left or right:
-                band = keras.ops.pad(band, [[0, 0], [0, 0], [left, right], [0, 0]], constant_values=self.fill)
-        return self.valid(band, training=False)
+    def __call__(self, rows):
+        left, right, _ = same_padding(int(rows.shape[2]), self.kernel_cols, self.stride_cols)
+        if not (left or right):
+            return rows
+        return keras.ops.pad(rows, [[0, 0], [0, 0], [left, right], [0, 0]], constant_values=self.fill)
 
 
 def _valid_twin(layer):
@@ -221,14 +229,21 @@ def band_rows_for_budget(bytes_per_pixel: float, width: int, memory_budget_mb: f
 
 def stream_rows(stages: list[StreamStage], bands: Iterator) -> Iterator[np.ndarray]:
     """Push input bands ``(1, rows, W, C)`` through the stages; yield trunk rows ``(rows, cols, C)``
-    as float32 as soon as they are complete (the head consumes them in order)."""
+    as float32 as soon as they are complete (the head consumes them in order).
+
+    Each stage's output is handed on in a list the next stage pops, so at most one stage's
+    input and output (plus its padded copy while it is made) are alive at a time.
+    """
     for stage in stages:
         stage.reset()
     for band in bands:
-        x = band
+        pending = [band]
+        del band
         for stage in stages:
-            x = stage.push(x)
-            if x is None:
+            out = stage.push(pending)
+            if out is None:
                 break
+            pending.append(out)
+            del out
         else:
-            yield np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float32)[0]
+            yield np.asarray(keras.ops.convert_to_numpy(pending.pop()), dtype=np.float32)[0]
