@@ -609,7 +609,9 @@ def build_plan(args) -> list[dict]:
                 "size": direct,
             }
         )
-    for scheme in ("rows", "tiles"):
+    # On JAX (the GPU path) direct mode runs uniform tiles; streaming is the CPU scheme.
+    schemes = ("tiles",) if os.environ.get("KERAS_BACKEND") == "jax" else ("rows", "tiles")
+    for scheme in schemes:
         plan.append(
             {
                 "case": "direct",
