@@ -54,10 +54,10 @@ from worker.trunk_stream import band_rows_for_budget, stream_plan, stream_rows
 # beat one huge pass despite the halo recomputation, and larger tiles only cost memory. Not
 # applied on a GPU, where the largest tile the budget allows is fastest.
 DEFAULT_MAX_TILE_PIXELS = 1600 * 1600
-# Cap on a row band's pixels (rows scheme): measured on VGG16 (bench/results/streaming.*),
-# 0.5 MP bands (128 rows at 4096 px wide) ran as fast as 1 MP bands or faster, with a
-# third of the memory above the model (0.22 vs 0.92 GB); much smaller bands add per-call
-# overhead (32-row bands at 2048 px: 1.27x slower).
+# Cap on a row band's pixels (rows scheme). Measured on VGG16 (README, bench/results/band_sweep.*):
+# at 4096 px wide, 128-row bands (0.5 MP) ran as fast as 256-row bands with a quarter of the
+# memory above the model (0.22 vs 0.92 GB); at 2048 px, 512-row bands gained 7 % over 128-row
+# ones for 0.8 GB more, and 32-row bands were 1.27x slower (per-call overhead).
 DEFAULT_MAX_BAND_PIXELS = 2**19
 # Bytes of working memory per byte of the largest activation (input + output of the widest
 # layer plus the convolution library's scratch space).
