@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer = commands.add_parser("infer", help="compute heatmaps for one image on this machine (loads TensorFlow)")
     infer.add_argument("image", nargs="?", help="image file (or give --image-url)")
     add_job_flags(infer, "catalogue name or path to a .keras/.h5 file with its sidecar", service=False)
-    infer.add_argument("--memory-budget-mb", type=int, default=None, help="direct mode: bound for one tile")
+    infer.add_argument(
+        "--memory-budget-mb", type=int, default=None, help="direct mode: bound for one row band or tile (MB)"
+    )
     infer.add_argument("--out", required=True, help="output folder")
     return parser
 

@@ -149,7 +149,7 @@ class JobParams:
     batch_size: int = DEFAULT_BATCH_SIZE  # tiled mode: windows per forward call
     top_k: int | None = DEFAULT_TOP_K  # used when class_indices is None
     class_indices: tuple[int, ...] | None = None
-    memory_budget_mb: int = 1024  # direct mode: bound for one tile's activations
+    memory_budget_mb: int = 1024  # direct mode: bound for one row band's or tile's activations
     weighting: str = DEFAULT_WEIGHTING  # blending of overlapping windows in the overlays
     overlay_max_side: int = 1024
     level: int | None = None  # pyramid level analysed (None: level 0, or the one mpp picks)

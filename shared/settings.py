@@ -44,7 +44,9 @@ class Settings(BaseSettings):
     )
     max_form_parts: int = Field(64, gt=0, description="Most multipart parts in one request (413 above).")
     max_image_pixels: int = Field(200_000_000, gt=0, description="Refused from the header, before decoding.")
-    memory_budget_mb: int = Field(1024, gt=0, description="Direct mode splits the image to stay under this.")
+    memory_budget_mb: int = Field(
+        1024, gt=0, description="Direct mode splits the image into row bands or tiles to stay under this."
+    )
     max_batch_size: int = Field(256, gt=0)
     max_top_k: int = Field(20, gt=0)
 
