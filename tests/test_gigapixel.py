@@ -23,7 +23,7 @@ from shared.imageio import ImageError
 from shared.jobspec import JobParams, ParameterError, validate_params
 from shared.settings import Settings
 from shared.slide_source import open_slide_source
-from worker.direct import direct_inference
+from worker.direct import MIN_READ_ROWS, direct_inference
 from worker.engine import run_inference
 from worker.model_registry import ModelRegistry
 from worker.tiled import tiled_inference
@@ -142,8 +142,11 @@ def test_direct_and_tiled_from_source_equal_in_memory(registry, scene_tiff):
             whole = direct_inference(loaded.fcn, levels[level], loaded.preprocess, tile_cells=10**9)
             assert tiles.tiles_read > 4
             np.testing.assert_allclose(tiles.scores, whole.scores, rtol=0, atol=1e-4)
+            before = source.regions_read
             rows = direct_inference(loaded.fcn, raster, loaded.preprocess, scheme="rows", band_rows=40)
-            assert rows.scheme == "rows" and rows.tiles_read > 4  # full-width bands read from the source
+            # Full-width reads of MIN_READ_ROWS rows, each fed to the trunk in 40-row bands.
+            chunks = -(-raster.height // MIN_READ_ROWS)
+            assert rows.scheme == "rows" and rows.tiles_read == source.regions_read - before == chunks > 1
             np.testing.assert_allclose(rows.scores, whole.scores, rtol=0, atol=1e-4)
             batched = tiled_inference(
                 loaded.classifier, raster, loaded.preprocess, window=(64, 64), stride=24, batch_size=32

@@ -22,7 +22,7 @@ from test_direct import (  # noqa: E402
     whole_fcn_pass,
 )
 
-from worker.direct import direct_inference  # noqa: E402
+from worker.direct import MIN_READ_ROWS, direct_inference  # noqa: E402
 from worker.fcn import to_fully_convolutional  # noqa: E402
 from worker.preprocess import get_preprocess  # noqa: E402
 from worker.trunk_stream import chain_layers, same_padding, stream_plan, stream_rows  # noqa: E402
@@ -91,9 +91,9 @@ def test_streamed_equals_whole_image(case, band_rows):
         fcn, image, TF, scheme="rows", band_rows=band_rows, progress=lambda d, t: calls.append((d, t))
     )
     assert streamed.scheme == "rows"
-    bands = -(-image.shape[0] // band_rows)
-    assert calls == [(k, bands) for k in range(1, bands + 1)]  # progress once per band
-    assert streamed.tiles_read == bands
+    chunks = -(-image.shape[0] // max(band_rows, MIN_READ_ROWS))  # one read of >= 256 rows, fed band by band
+    assert calls == [(k, chunks) for k in range(1, chunks + 1)]  # progress once per read
+    assert streamed.tiles_read == chunks
     assert streamed.scores.shape == whole.scores.shape
     assert_close_scaled(streamed.scores, whole.scores, 1e-4)
 

@@ -59,6 +59,9 @@ DEFAULT_MAX_TILE_PIXELS = 1600 * 1600
 # memory above the model (0.22 vs 0.92 GB); at 2048 px, 512-row bands gained 7 % over 128-row
 # ones for 0.8 GB more, and 32-row bands were 1.27x slower (per-call overhead).
 DEFAULT_MAX_BAND_PIXELS = 2**19
+# Rows scheme: the source is read at least this many rows at a time (a slide's tiles are
+# 256-1024 px high; a band of a few rows per read would decode each tile row many times).
+MIN_READ_ROWS = 256
 # Bytes of working memory per byte of the largest activation (input + output of the widest
 # layer plus the convolution library's scratch space).
 ACTIVATION_OVERHEAD = 3.0
@@ -203,15 +206,29 @@ def _window_origins(fcn: FullyConvolutional, raster: Raster, scheme: str) -> tup
 
 
 def _stream_trunk(fcn: FullyConvolutional, raster: Raster, preprocess, stages, band_rows, budget_mb, stream, progress):
-    """The ``rows`` scheme: full-width bands through the stages into the head; returns (bands read, 0)."""
+    """The ``rows`` scheme: full-width bands through the stages into the head.
+
+    The source is read in chunks of at least ``MIN_READ_ROWS`` rows (one read per chunk, on
+    the prefetch thread) and fed to the stages band by band: thin full-width reads would
+    decode every row of a tiled slide's tiles many times. Returns (chunks read, 0).
+    """
     height, width = raster.height, raster.width
     if band_rows is None:
         cap = max(1, DEFAULT_MAX_BAND_PIXELS // width)
         band_rows = band_rows_for_budget(fcn.bytes_per_pixel, width, budget_mb, ACTIVATION_OVERHEAD, cap)
-    bands = [(y, min(height, y + band_rows), 0, width) for y in range(0, height, band_rows)]
-    for features in stream_rows(stages, _prefetched(raster, preprocess, bands, [0, len(bands), progress])):
+    # A chunk costs 5 bytes per value (uint8 read + float32 input): keep it under a quarter of the budget.
+    affordable = int(budget_mb * 2**20 / (4 * width * fcn.channels * 5))
+    read_rows = max(band_rows, min(MIN_READ_ROWS, affordable))
+    chunks = [(y, min(height, y + read_rows), 0, width) for y in range(0, height, read_rows)]
+
+    def bands():
+        for chunk in _prefetched(raster, preprocess, chunks, [0, len(chunks), progress]):
+            for y in range(0, chunk.shape[1], band_rows):
+                yield chunk[:, y : y + band_rows]
+
+    for features in stream_rows(stages, bands()):
         stream.add(features)
-    return len(bands), 0
+    return len(chunks), 0
 
 
 def _tile_trunk(fcn: FullyConvolutional, raster: Raster, preprocess, tile_cells, budget_mb, computed, stream, progress):
