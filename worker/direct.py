@@ -49,7 +49,7 @@ from worker.fcn import FullyConvolutional
 from worker.grid import KeepFn, ProgressFn, ScoreGrid, report
 from worker.trunk_stream import band_rows_for_budget, stream_plan, stream_rows
 
-# Cap on a tile's size (and a row band's) on a CPU even when the memory budget allows more: in
+# Cap on a tile's size on a CPU even when the memory budget allows more: in
 # the tile sweep (bench/bench_engine.py --only sweep --tile-sweep) a few cache-friendly tiles
 # beat one huge pass despite the halo recomputation, and larger tiles only cost memory. Not
 # applied on a GPU, where the largest tile the budget allows is fastest.
@@ -235,9 +235,7 @@ def _tile_trunk(fcn: FullyConvolutional, raster: Raster, preprocess, tile_cells,
     """The ``tiles`` scheme: tiles with halos, stitched into the head; returns (tiles read, tiles skipped)."""
     cells_y, cells_x = fcn.trunk_cells(raster.height, raster.width)
     if tile_cells is None:
-        # The cap is a CPU cache effect; a GPU wants the largest tiles its budget allows.
-        cap = None if compute_device()["kind"] == "gpu" else DEFAULT_MAX_TILE_PIXELS
-        tile_cells = tile_cells_for_budget(fcn, budget_mb, cap)
+        tile_cells = _default_tile_cells(fcn, budget_mb)
     uniform = keras.backend.backend() == "jax"
     spans_y = plan_axis(raster.height, fcn.stride[0], fcn.halo[0], cells_y, tile_cells, uniform)
     spans_x = plan_axis(raster.width, fcn.stride[1], fcn.halo[1], cells_x, tile_cells, uniform)
@@ -247,6 +245,13 @@ def _tile_trunk(fcn: FullyConvolutional, raster: Raster, preprocess, tile_cells,
     return plan.total, len(spans_y) * len(spans_x) - plan.total
 
 
+def _default_tile_cells(fcn: FullyConvolutional, budget_mb: float) -> int:
+    """Tile size from the budget; the pixel cap is a CPU cache effect, so a GPU gets the
+    largest tiles its budget allows."""
+    cap = None if compute_device()["kind"] == "gpu" else DEFAULT_MAX_TILE_PIXELS
+    return tile_cells_for_budget(fcn, budget_mb, cap)
+
+
 def _streaming_stages(fcn: FullyConvolutional, height, width, memory_budget_mb, scheme, tile_cells, computed):
     """The trunk's stream stages when the ``rows`` scheme runs, None for ``tiles`` (see the module docstring)."""
     if scheme == "tiles" or (scheme == "auto" and (tile_cells is not None or computed is not None)):
@@ -254,7 +259,7 @@ def _streaming_stages(fcn: FullyConvolutional, height, width, memory_budget_mb, 
     if scheme == "auto":
         if keras.backend.backend() == "jax":
             return None
-        cells = tile_cells_for_budget(fcn, memory_budget_mb)
+        cells = _default_tile_cells(fcn, memory_budget_mb)
         cells_y, cells_x = fcn.trunk_cells(height, width)
         one_y = len(plan_axis(height, fcn.stride[0], fcn.halo[0], cells_y, cells)) == 1
         if one_y and len(plan_axis(width, fcn.stride[1], fcn.halo[1], cells_x, cells)) == 1:
@@ -282,23 +287,17 @@ def _prefetched(raster: Raster, preprocess, boxes: list[tuple[int, int, int, int
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
         pending = pool.submit(load, boxes[0]) if boxes else None
-        for index in range(len(boxes)):
-            current = pending.result()
-            pending = pool.submit(load, boxes[index + 1]) if index + 1 < len(boxes) else None
-            try:
+        try:
+            for index in range(len(boxes)):
+                current = pending.result()
+                pending = pool.submit(load, boxes[index + 1]) if index + 1 < len(boxes) else None
                 yield current
-            except GeneratorExit:
-                if pending is not None:
-                    pending.cancel()
-                raise
-            del current
-            counter[0] += 1
-            try:
+                del current
+                counter[0] += 1
                 report(counter[2], counter[0], counter[1])
-            except BaseException:
-                if pending is not None:
-                    pending.cancel()
-                raise
+        finally:  # stopped early (a raising callback, a closed generator): drop the read ahead
+            if pending is not None:
+                pending.cancel()
 
 
 class _TilePlan:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -38,6 +39,8 @@ from worker.receptive_field import POINTWISE_LAYERS, as_functional
 layers = keras.layers
 
 _CONVOLUTIONS = (layers.Conv2D, layers.DepthwiseConv2D, layers.SeparableConv2D)
+# Each 'same' layer's 'valid' twin, built on first use (weights copied once, not per job).
+_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -145,7 +148,7 @@ def stream_plan(trunk, height: int) -> list[StreamStage] | None:
     stages: list[StreamStage] = []
     rows = height
     for layer in chain:
-        if isinstance(layer, POINTWISE_LAYERS) and not isinstance(layer, layers.InputLayer):
+        if isinstance(layer, POINTWISE_LAYERS):
             if not stages:  # a per-pixel layer on the input: a one-row stage of its own
                 apply = functools.partial(layer, training=False)
                 stages.append(StreamStage(layer.name, 1, 1, 0, rows, rows, 0.0, apply))
@@ -207,9 +210,17 @@ class _ColumnPad:
 
 
 def _valid_twin(layer):
-    """A copy of `layer` with ``padding='valid'`` sharing its weights (the same variables)."""
+    """A copy of `layer` with ``padding='valid'`` and a copy of its weights, made once per
+    layer (a warm worker's jobs reuse it; it goes with the layer when the model is dropped)."""
     if layer.padding == "valid":
         return layer
+    twin = _TWINS.get(layer)
+    if twin is None:
+        twin = _TWINS[layer] = _make_valid_twin(layer)
+    return twin
+
+
+def _make_valid_twin(layer):
     config = layer.get_config()
     config["padding"] = "valid"
     config["name"] = f"{layer.name}_valid"
