@@ -16,6 +16,7 @@ import pytest
 keras = pytest.importorskip("keras")
 layers = keras.layers
 
+from worker import direct  # noqa: E402
 from worker.direct import Span, direct_inference, plan_axis, tile_cells_for_budget  # noqa: E402
 from worker.fcn import to_fully_convolutional  # noqa: E402
 from worker.preprocess import get_preprocess  # noqa: E402
@@ -261,31 +262,23 @@ def test_uniform_plan_gives_every_tile_one_shape(length, jump, halo, cells_per_t
         assert (s.pixel_stop - s.pixel_start) % jump == length % jump
 
 
-def test_uniform_tiles_are_exact(toy, toy_whole):
+def test_uniform_tiles_are_exact(toy, toy_whole, monkeypatch):
+    """The engine with one tile shape (as on JAX, forced here) still equals the whole pass."""
     image, whole = toy_whole
-    cy, cx = toy.trunk_cells(*image.shape[:2])
+    cy = toy.trunk_cells(*image.shape[:2])[0]
     spans = plan_axis(image.shape[0], 4, toy.halo[0], cy, 7, uniform=True)
-    assert len(spans) >= 3 and spans[-1].pixel_start < spans[-2].pixel_stop - 2 * toy.halo[0]
-    # Through the engine on JAX (uniform there); here the plan is checked against the whole pass
-    # by running the tiles it names.
-    from worker.direct import _trunk_tile
+    assert len(spans) >= 3 and spans[-1].pixel_start < spans[-2].pixel_stop - 2 * toy.halo[0]  # shifted back
+    monkeypatch.setattr(direct, "_uniform_tiles", lambda: True)
+    shapes, original = [], direct._trunk_tile
 
-    def tile(sy, sx):
-        return _trunk_tile(toy, TF(image[sy.pixel_start : sy.pixel_stop, sx.pixel_start : sx.pixel_stop])[None], sy, sx)
+    def recording_tile(fcn, crop, span_y, span_x):
+        shapes.append(crop.shape)
+        return original(fcn, crop, span_y, span_x)
 
-    spans_x = plan_axis(image.shape[1], 4, toy.halo[1], cx, 7, uniform=True)
-    features = np.concatenate(
-        [
-            np.concatenate(
-                [tile(sy, sx) for sx in spans_x],
-                axis=1,
-            )
-            for sy in spans
-        ],
-        axis=0,
-    )
-    expected = keras.ops.convert_to_numpy(toy.trunk(TF(image)[None], training=False))[0]
-    assert_close_scaled(features, expected, 1e-4)
+    monkeypatch.setattr(direct, "_trunk_tile", recording_tile)
+    grid = direct_inference(toy, image, TF, tile_cells=7)
+    assert grid.tiles_read >= 9 and len(set(shapes)) == 1
+    assert_close_scaled(grid.scores, whole.scores, 1e-4)
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the compiled trunk is the JAX path")

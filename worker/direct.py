@@ -236,13 +236,18 @@ def _tile_trunk(fcn: FullyConvolutional, raster: Raster, preprocess, tile_cells,
     cells_y, cells_x = fcn.trunk_cells(raster.height, raster.width)
     if tile_cells is None:
         tile_cells = _default_tile_cells(fcn, budget_mb)
-    uniform = keras.backend.backend() == "jax"
+    uniform = _uniform_tiles()
     spans_y = plan_axis(raster.height, fcn.stride[0], fcn.halo[0], cells_y, tile_cells, uniform)
     spans_x = plan_axis(raster.width, fcn.stride[1], fcn.halo[1], cells_x, tile_cells, uniform)
     plan = _TilePlan(spans_y, spans_x, _needed_cells(computed, fcn.feature_window, (cells_y, cells_x)))
     for band in _trunk_bands(fcn, raster, preprocess, spans_y, plan, cells_x, progress):
         stream.add(band)
     return plan.total, len(spans_y) * len(spans_x) - plan.total
+
+
+def _uniform_tiles() -> bool:
+    """Whether every tile gets one shape: for a trunk compiled per input shape (JAX/XLA)."""
+    return keras.backend.backend() == "jax"
 
 
 def _default_tile_cells(fcn: FullyConvolutional, budget_mb: float) -> int:
