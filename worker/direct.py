@@ -54,10 +54,10 @@ from worker.trunk_stream import band_rows_for_budget, stream_plan, stream_rows
 # beat one huge pass despite the halo recomputation, and larger tiles only cost memory. Not
 # applied on a GPU, where the largest tile the budget allows is fastest.
 DEFAULT_MAX_TILE_PIXELS = 1600 * 1600
-# Cap on a row band's pixels (rows scheme). Measured on VGG16 (README, bench/results/band_sweep.*):
-# at 4096 px wide, 128-row bands (0.5 MP) ran as fast as 256-row bands with a quarter of the
-# memory above the model (0.22 vs 0.92 GB); at 2048 px, 512-row bands gained 7 % over 128-row
-# ones for 0.8 GB more, and 32-row bands were 1.27x slower (per-call overhead).
+# Cap on a row band's pixels (rows scheme), a speed/memory trade measured on VGG16 (README,
+# bench/results/band_sweep*): at 4096 px wide in float32, 128-row bands (0.5 MP) took 84.8 s
+# at 2.25 GB peak, 256-row bands 76.7 s at 2.92 GB, 64-row bands 91.2 s; at 2048 px, 32-row
+# bands were 1.27x slower than 512-row ones. 0.5 MP keeps a 4096-wide job under 2.5 GB.
 DEFAULT_MAX_BAND_PIXELS = 2**19
 # Rows scheme: the source is read at least this many rows at a time (a slide's tiles are
 # 256-1024 px high; a band of a few rows per read would decode each tile row many times).
