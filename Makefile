@@ -48,7 +48,7 @@ bench-service: install
 	$(PY) -m bench.bench_service
 
 migrate: install
-	$(PY) -m shared.migrate
+	$(PY) -m shared.jobs.migrate
 
 ## Retrain the bundled model (models/shapes.keras + models/shapes.json).
 train-shapes: install

@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     context = ApiContext(settings)
     app.extensions["heatmaps"] = context
 
-    from api import health, job_routes, metrics, model_routes, ui_routes, viewer_routes
+    from api.routes import health, job_routes, metrics, model_routes, ui_routes, viewer_routes
 
     api = HeatmapApi(app)
     app.extensions["heatmap_api"] = api

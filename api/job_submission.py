@@ -21,17 +21,18 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api import ratelimit
 from api.context import ApiContext
 from api.error_handlers import ApiError
-from shared import job_store, ratelimit
+from api.input_probe import probe_input
 from shared.catalog import require_available
-from shared.database import session_scope
-from shared.input_probe import probe_input
-from shared.job_status import JobStatus
+from shared.jobs import job_store
+from shared.jobs.database import session_scope
+from shared.jobs.job_status import JobStatus
+from shared.jobs.queue import send_job
+from shared.jobs.tables import Job, new_job_id
 from shared.jobspec import check_field_sizes, validate_params
-from shared.queue import send_job
 from shared.storage import CHUNK, StorageError, mask_key, upload_key, upload_prefix
-from shared.tables import Job, new_job_id
 from shared.webhook_signing import check_destination
 
 log = logging.getLogger("heatmaps.api")

@@ -17,9 +17,9 @@ import marshmallow as ma
 from flask import current_app
 from flask_smorest.fields import Upload
 
-from shared.job_status import JobStatus
+from shared.jobs.job_status import JobStatus
+from shared.jobs.webhook_store import WebhookState
 from shared.jobspec import DIRECT_SCHEMES, FORM_FIELDS, FormField, JobParams
-from shared.webhook_store import WebhookState
 
 STATUSES = [status.value for status in JobStatus]
 

@@ -1,4 +1,4 @@
-"""Deep Zoom pyramid writing (worker/deepzoom.py): time and peak memory.
+"""Deep Zoom pyramid writing (worker/outputs/deepzoom.py): time and peak memory.
 
 The image is procedural (each region computed from its coordinates), so it is never held
 whole: the peak RSS growth shows what the writer itself keeps (a few tiles).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.deepzoom import write_dzi
+from worker.outputs.deepzoom import write_dzi
 
 
 def procedural(x: int, y: int, w: int, h: int) -> np.ndarray:

@@ -106,7 +106,7 @@ def chain_macs(model, input_shape) -> float:
 def _build_vgg16(precision: str = "float32"):
     import keras
 
-    from worker.compute_precision import apply_precision
+    from worker.inference.compute_precision import apply_precision
 
     keras.utils.set_random_seed(0)
     return apply_precision(keras.applications.VGG16(weights=None), precision)
@@ -183,8 +183,8 @@ def _case_seed_tiled(spec) -> dict:
 
 
 def _case_engine_tiled(spec) -> dict:
-    from worker.preprocess import get_preprocess
-    from worker.tiled import tiled_inference
+    from worker.inference.preprocess import get_preprocess
+    from worker.inference.tiled import tiled_inference
 
     model = _build_vgg16(spec.get("precision", "float32"))
     image = _image(spec["size"])
@@ -220,7 +220,7 @@ def _fcn_flops(fcn, height: int, width: int) -> float:
 
 def _engine_executed_flops(fcn, height: int, width: int, tile_cells: int) -> tuple[float, int, int]:
     """FLOPs the engine actually runs (trunk per tile, halos included, + head), tiles, max side."""
-    from worker.direct import plan_axis
+    from worker.inference.direct import plan_axis
 
     cells_y, cells_x = fcn.trunk_cells(height, width)
     spans_y = plan_axis(height, fcn.stride[0], fcn.halo[0], cells_y, tile_cells)
@@ -241,7 +241,7 @@ def _case_seed_direct(spec) -> dict:
     import numpy as np
 
     from bench.seed_recipes import seed_whole_image_direct
-    from worker.fcn import to_fully_convolutional
+    from worker.inference.fcn import to_fully_convolutional
 
     fcn = to_fully_convolutional(_build_vgg16())
     image = _image(spec["size"])
@@ -261,9 +261,9 @@ def _case_seed_direct(spec) -> dict:
 def _case_engine_direct(spec) -> dict:
     """``direct_inference`` in one scheme: ``rows`` (streamed, no halo), ``tiles`` (halos) or
     ``whole`` (one whole-image pass through the engine, the reference rate)."""
-    from worker.direct import direct_inference, tile_cells_for_budget
-    from worker.fcn import to_fully_convolutional
-    from worker.preprocess import get_preprocess
+    from worker.inference.direct import direct_inference, tile_cells_for_budget
+    from worker.inference.fcn import to_fully_convolutional
+    from worker.inference.preprocess import get_preprocess
 
     fcn = to_fully_convolutional(_build_vgg16(spec.get("precision", "float32")))
     size = spec["size"]
@@ -331,7 +331,7 @@ def _case_engine_job(spec) -> dict:
 
     from shared.jobspec import JobParams
     from worker.engine import run_inference
-    from worker.model_registry import ModelRegistry
+    from worker.inference.model_registry import ModelRegistry
 
     precision, size = spec.get("precision", "float32"), spec["size"]
     with tempfile.TemporaryDirectory(prefix="bench_job_") as tmp:

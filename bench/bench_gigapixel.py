@@ -12,7 +12,7 @@ Steps:
 2. In a FRESH child process (so its peak RSS is its own): ``worker.engine.run_inference``
    exactly as a job runs it, with ``mask`` left to its slide default (auto). The child reports
    wall time, peak RSS (``ru_maxrss``), trunk tiles read vs skipped, the time spent reading
-   and computing the tiles it read (``worker.direct._trunk_tile`` timed), and the rest of the
+   and computing the tiles it read (``worker.inference.direct._trunk_tile`` timed), and the rest of the
    inference time (head on computed rows, window fractions, skipped-tile bookkeeping): an upper
    bound of what the skipped tiles cost.
 """
@@ -121,11 +121,11 @@ def write_slide(path: Path, width: int, height: int, fraction: float = 0.10, see
 
 def run_child(path: str, level: int) -> dict:
     """One job on the slide, as the worker runs it; prints its own measurements."""
-    import worker.direct as direct
+    import worker.inference.direct as direct
     from shared.jobspec import JobParams
     from shared.settings import Settings
     from worker.engine import run_inference
-    from worker.model_registry import ModelRegistry
+    from worker.inference.model_registry import ModelRegistry
 
     spent = [0.0]
     original = direct._trunk_tile

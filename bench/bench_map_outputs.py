@@ -17,8 +17,8 @@ import numpy as np
 
 from shared.storage import RASTER_FILE, REGIONS_FILE
 from worker.grid import ScoreGrid
-from worker.raster_output import write_raster
-from worker.regions_output import write_regions
+from worker.outputs.raster_output import write_raster
+from worker.outputs.regions_output import write_regions
 
 
 def blobs(cells: int, rng: np.random.Generator) -> np.ndarray:

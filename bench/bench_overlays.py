@@ -4,7 +4,7 @@
 
 The demo's scene (shapes.scenes.generate_scene, ten shapes, seed 2026) through the bundled
 model in direct mode, then for each blending the heat that the overlays draw (each class
-scaled to its own range, worker.blend.class_heat) at the overlay's size, and per object of
+scaled to its own range, worker.outputs.blend.class_heat) at the overlay's size, and per object of
 its own class: the mean heat inside the object's box, the mean far (more than two windows)
 from every object, and the area at or above half the range near the object. The first row
 is the overlay before the readable overlays (mean blending drawn on an absolute 0..1 scale).
@@ -21,10 +21,10 @@ import numpy as np
 from shapes.scenes import generate_scene
 from shared.jobspec import WEIGHTINGS, JobParams
 from shared.settings import BUNDLED_MODELS_DIR
-from worker.artifacts import overlay_size
-from worker.blend import blend, class_heat
 from worker.engine import compute_grid
-from worker.model_registry import ModelRegistry
+from worker.inference.model_registry import ModelRegistry
+from worker.outputs.artifacts import overlay_size
+from worker.outputs.blend import blend, class_heat
 
 CLASSES = ("circle", "square", "triangle", "cross")
 

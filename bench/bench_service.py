@@ -34,7 +34,7 @@ from PIL import Image
 
 from scripts.devstack import start_stack
 from shapes.scenes import generate_scene
-from shared.job_status import TERMINAL, JobStatus
+from shared.jobs.job_status import TERMINAL, JobStatus
 
 
 def percentile(values, q):
@@ -136,7 +136,7 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--precisions", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     args = parser.parse_args()
-    from shared.embedded_redis import free_port
+    from scripts.embedded_redis import free_port
 
     os.environ.setdefault("RATE_LIMIT_PER_MINUTE", "0")  # 200 submissions in a row are the point here
     os.environ.setdefault("MAX_ACTIVE_JOBS_PER_KEY", "0")

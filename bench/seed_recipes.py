@@ -1,11 +1,11 @@
 """The NAIVE "seed" recipes, re-implemented faithfully - kept ONLY as the benchmark baseline.
 
 Do not use these anywhere else. They reproduce, on purpose, every defect listed in
-``DESIGN.md`` ("Known defects of the naive recipe") that the engine (``worker.tiled``,
-``worker.direct``) does not have:
+``DESIGN.md`` ("Known defects of the naive recipe") that the engine (``worker.inference.tiled``,
+``worker.inference.direct``) does not have:
 
 * pixels scaled by ``/255`` whatever the model expects (VGG16 wants caffe-style BGR mean
-  subtraction, ``worker.preprocess.get_preprocess("caffe")``);
+  subtraction, ``worker.inference.preprocess.get_preprocess("caffe")``);
 * windows at the right and bottom edges skipped (``range(0, H - window, stride)``: exclusive
   upper bound, and no window flush with the border);
 * overlapping windows overwrite each other instead of being combined;

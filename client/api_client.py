@@ -17,7 +17,7 @@ from urllib.parse import quote
 import requests
 from requests_toolbelt import MultipartEncoder
 
-from shared.job_status import TERMINAL
+from shared.jobs.job_status import TERMINAL
 
 API = "/api/v1"
 

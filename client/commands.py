@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from client.report import print_job, print_jobs, print_models, print_result, save_results
-from shared.job_status import JobStatus
+from shared.jobs.job_status import JobStatus
 from shared.jobspec import FORM_FIELDS
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "infer":
-        from worker.cli import run_infer  # TensorFlow: only for this command
+        from worker.local_infer import run_infer  # TensorFlow: only for this command
 
         return run_infer(args)
     if args.command == "models" and not args.server:

@@ -1,13 +1,13 @@
 """Alembic environment: the URL comes from the same settings object as the services
-(or from `config.attributes["database_url"]` when called from shared.migrate)."""
+(or from `config.attributes["database_url"]` when called from shared.jobs.migrate)."""
 
 from logging.config import fileConfig
 
 from alembic import context
 
-from shared.database import get_engine
+from shared.jobs.database import get_engine
+from shared.jobs.tables import Base
 from shared.settings import get_settings
-from shared.tables import Base
 
 config = context.config
 if config.config_file_name is not None and not config.attributes.get("skip_logging"):

@@ -32,9 +32,9 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from shared.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-from shared.job_status import TERMINAL, JobStatus  # noqa: E402
-from shared.migrate import upgrade_database  # noqa: E402
+from scripts.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from shared.jobs.job_status import TERMINAL, JobStatus  # noqa: E402
+from shared.jobs.migrate import upgrade_database  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from shared.storage import HEATMAP_FILE, overlay_filename, results_prefix  # noqa: E402
 

@@ -13,7 +13,7 @@ cross), evaluates it on a held-out synthetic set made with a different seed, and
 The architecture is deliberately restricted so that the FCN converter handles it exactly:
 Conv2D(3x3, same, relu) / MaxPooling2D(2) trunk (no BatchNormalization, no Rescaling),
 output stride 16 giving a 4x4x64 map, then Flatten -> Dense(128, relu) -> Dropout ->
-Dense(5, softmax).  Preprocessing is the "tf" mode of :mod:`worker.preprocess` and is applied
+Dense(5, softmax).  Preprocessing is the "tf" mode of :mod:`worker.inference.preprocess` and is applied
 *outside* the model, by the inference engine (and by :func:`preprocess` here, with the same code).
 
 Only ``keras`` + ``numpy`` are used (no ``tf.*``), so it runs under any Keras backend.
@@ -35,7 +35,7 @@ import numpy as np
 from keras import layers
 
 from shapes.scenes import SHAPE_CLASSES, WINDOW, make_crop
-from worker.preprocess import get_preprocess
+from worker.inference.preprocess import get_preprocess
 
 INPUT_SIZE = (WINDOW, WINDOW)
 #: Fraction of training crops that are background (the rest is split evenly).
@@ -51,7 +51,7 @@ PREPROCESS = "tf"
 
 
 def preprocess(x: np.ndarray) -> np.ndarray:
-    """The model's preprocessing (``worker.preprocess``'s "tf" mode): uint8 RGB -> float32 in [-1, 1]."""
+    """The model's preprocessing (``worker.inference.preprocess``'s "tf" mode): uint8 RGB -> float32 in [-1, 1]."""
     return get_preprocess(PREPROCESS)(np.asarray(x))
 
 

@@ -15,7 +15,7 @@ from shared.catalog import CatalogError, ModelInfo
 from shared.exceptions import InputError
 
 MODES = ("direct", "tiled")
-# Overlay blending of overlapping windows (worker.blend); max keeps objects smaller than the
+# Overlay blending of overlapping windows (worker.outputs.blend); max keeps objects smaller than the
 # window visible (README, "Overlays").
 WEIGHTINGS = ("max", "mean", "gaussian")
 DEFAULT_WEIGHTING = "max"
@@ -27,7 +27,7 @@ MAX_LEVEL = 63
 # know the worker's hardware, so a float16 job on a CPU-only worker fails there with
 # `precision_unavailable`.
 PRECISIONS = ("float32", "bfloat16", "float16")
-# How direct mode computes the trunk (worker.direct): "rows" streams full-width row bands layer
+# How direct mode computes the trunk (worker.inference.direct): "rows" streams full-width row bands layer
 # by layer (no halo recomputation), "tiles" uses tiles with halos; "auto" picks per job.
 DIRECT_SCHEMES = ("auto", "rows", "tiles")
 DEFAULT_TOP_K = 3

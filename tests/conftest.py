@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 from sqlalchemy import create_engine, make_url, text
 
-from shared.database import dispose_engines, session_scope
-from shared.embedded_redis import EmbeddedRedis
-from shared.migrate import upgrade_database
+from scripts.embedded_redis import EmbeddedRedis
+from shared.jobs.database import dispose_engines, session_scope
+from shared.jobs.migrate import upgrade_database
 from shared.settings import REPO_ROOT, Settings, hash_api_key
 
 KEYS = {"alice": "alice-secret-key", "bob": "bob-secret-key"}
@@ -202,7 +202,7 @@ class Stack:
         return client.post("/api/v1/jobs", data=data, headers=headers or {}, content_type="multipart/form-data")
 
     def job_row(self, job_id: str):
-        from shared import job_store
+        from shared.jobs import job_store
 
         with session_scope(self.settings.resolved_database_url) as session:
             return job_store.get_job(session, job_id)
@@ -302,7 +302,7 @@ class WebhookReceiver:
     """tests/webhook_receiver.py in its own process; `requests()` reads what it got."""
 
     def __init__(self, tmp_path: Path):
-        from shared.embedded_redis import free_port
+        from scripts.embedded_redis import free_port
 
         self.port = free_port()
         self.log = tmp_path / f"receiver-{self.port}.jsonl"
@@ -337,7 +337,7 @@ class S3Server:
     region = "us-east-1"  # moto's default: buckets there are created without a LocationConstraint
 
     def __init__(self):
-        from shared.embedded_redis import free_port
+        from scripts.embedded_redis import free_port
 
         self.port = free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"

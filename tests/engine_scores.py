@@ -19,9 +19,9 @@ import keras
 from PIL import Image
 
 from shared.settings import Settings
-from worker.direct import direct_inference
-from worker.model_registry import ModelRegistry
-from worker.tiled import tiled_inference
+from worker.inference.direct import direct_inference
+from worker.inference.model_registry import ModelRegistry
+from worker.inference.tiled import tiled_inference
 
 
 def engine_scores(image: np.ndarray, precision: str = "float32") -> dict[str, np.ndarray]:

@@ -30,8 +30,8 @@ def _storage_files(app):
 def _job_count(app):
     from sqlalchemy import func, select
 
-    from shared.database import session_scope
-    from shared.tables import Job
+    from shared.jobs.database import session_scope
+    from shared.jobs.tables import Job
 
     with session_scope(app.config["HEATMAP_SETTINGS"].resolved_database_url) as session:
         return session.scalar(select(func.count()).select_from(Job))
@@ -285,7 +285,7 @@ def test_importing_the_api_does_not_load_tensorflow():
 def test_database_down_is_503_never_500(tmp_path, redis_server):
     from conftest import Stack
 
-    from shared.embedded_redis import free_port
+    from scripts.embedded_redis import free_port
 
     stack = Stack(tmp_path, f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nowhere", redis_server)
     client = stack.client()

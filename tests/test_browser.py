@@ -21,8 +21,8 @@ import requests
 from conftest import KEYS, Stack, make_database, png_bytes
 from PIL import Image
 
-from shared.embedded_redis import free_port
-from shared.job_status import TERMINAL, JobStatus
+from scripts.embedded_redis import free_port
+from shared.jobs.job_status import TERMINAL, JobStatus
 from shared.settings import REPO_ROOT
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))

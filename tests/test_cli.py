@@ -1,4 +1,4 @@
-"""The ``heatmap`` command line (worker.cli): a real subprocess run on a user model, exit
+"""The ``heatmap`` command line (client.commands, python -m client): a real subprocess run on a user model, exit
 codes and ``error: <code>`` messages, and no progress bar when stderr is not a terminal.
 """
 
@@ -56,7 +56,7 @@ def cli_env(data_dir: Path) -> dict:
 
 def cli(args, data_dir, **kwargs):
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
+        [sys.executable, "-m", "client", *args],
         cwd=ROOT,
         env=cli_env(data_dir),
         capture_output=True,
@@ -115,7 +115,7 @@ def test_progress_bar_drawn_on_a_terminal(files, tmp_path):
             [
                 sys.executable,
                 "-m",
-                "worker.cli",
+                "client",
                 "infer",
                 str(files / "photo.png"),
                 "--model",
@@ -167,8 +167,8 @@ def test_bad_parameters_exit_2_subprocess(files, tmp_path, extra, code):
 
 @pytest.fixture
 def main(monkeypatch, tmp_path):
+    from client import commands as cli_module
     from shared.settings import get_settings
-    from worker import cli as cli_module
 
     for name in ("MODELS_DIR", "VGG16_WEIGHTS", "DEFAULT_MODEL"):
         monkeypatch.delenv(name, raising=False)

@@ -26,7 +26,7 @@ import requests
 from conftest import KEYS, Stack, make_database, read_terminal, scene_png
 from PIL import Image
 
-from shared.embedded_redis import free_port
+from scripts.embedded_redis import free_port
 from shared.settings import REPO_ROOT
 
 HEAVY = ("tensorflow", "keras", "torch", "jax")

@@ -7,7 +7,7 @@ import ast
 from collections import Counter
 from pathlib import Path
 
-from shared.job_status import JobStatus
+from shared.jobs.job_status import JobStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE_PACKAGES = ("api", "shared", "worker", "client")
@@ -46,7 +46,7 @@ def _string_constants(path: Path):
 
 def test_status_names_are_written_only_in_the_enum():
     statuses = {status.value for status in JobStatus}
-    home = ROOT / "shared" / "job_status.py"
+    home = ROOT / "shared" / "jobs" / "job_status.py"
     found = [
         f"{path.relative_to(ROOT)}:{line} {value!r}"
         for path in _modules(*SERVICE_PACKAGES, "scripts", "bench")

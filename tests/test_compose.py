@@ -156,7 +156,7 @@ def test_postgres(compose, services):
 
 def test_migrate_runs_once_from_the_api_image(services):
     migrate, api = services["migrate"], services["api"]
-    assert command_list(migrate) == ["python", "-m", "shared.migrate"]
+    assert command_list(migrate) == ["python", "-m", "shared.jobs.migrate"]
     assert str(migrate.get("restart")) == "no"
     assert depends_on(migrate)["postgres"]["condition"] == "service_healthy"
     assert migrate["build"] == api["build"]

@@ -13,8 +13,8 @@ import pytest
 from conftest import DATABASES, Stack, make_database, png_bytes
 from sqlalchemy import create_engine
 
-from shared import job_store
-from shared.database import session_scope
+from shared.jobs import job_store
+from shared.jobs.database import session_scope
 from shared.jobspec import FORM_FIELDS
 
 RNG = np.random.default_rng(11)
@@ -66,7 +66,7 @@ def test_the_column_type_stores_any_zone_and_reads_utc(stack):
     with session_scope(url) as session:
         stored = job_store.get_job(session, job_id).heartbeat_at
         assert stored == instant and stored.tzinfo is not None and stored.utcoffset() == timedelta(0)
-        from shared.tables import Job
+        from shared.jobs.tables import Job
 
         before = instant.astimezone(timezone(timedelta(hours=-8))) - timedelta(seconds=1)
         assert session.query(Job).filter(Job.heartbeat_at > before).count() == 1
@@ -77,7 +77,7 @@ def test_migrations_match_the_tables(stack):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from shared.tables import Base
+    from shared.jobs.tables import Base
 
     engine = create_engine(stack.settings.resolved_database_url)
     with engine.connect() as conn:

@@ -1,4 +1,4 @@
-"""Deep Zoom pyramids (worker/deepzoom.py): the layout OpenSeadragon reads, built tile by
+"""Deep Zoom pyramids (worker/outputs/deepzoom.py): the layout OpenSeadragon reads, built tile by
 tile from a region reader, and the viewer's copy of the score grid."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.deepzoom import (
+from worker.grid import ScoreGrid
+from worker.outputs.deepzoom import (
     TILE_SIZE,
     array_region_reader,
     level_count,
@@ -20,7 +21,6 @@ from worker.deepzoom import (
     write_dzi,
     write_viewer,
 )
-from worker.grid import ScoreGrid
 
 RNG = np.random.default_rng(3)
 
@@ -96,7 +96,7 @@ def test_viewer_grid_keeps_every_cell_or_pools_the_maximum(monkeypatch):
     assert small["step"] == 1 and len(small["rows"]) == 30 and len(small["cols"]) == 40
     assert np.allclose(np.array(small["scores"]), np.round(grid.scores.transpose(2, 0, 1), 4))
 
-    monkeypatch.setattr("worker.deepzoom.VIEWER_GRID_MAX_CELLS", 100)
+    monkeypatch.setattr("worker.outputs.deepzoom.VIEWER_GRID_MAX_CELLS", 100)
     pooled = viewer_grid(grid)
     step = pooled["step"]
     scores = np.array(pooled["scores"])

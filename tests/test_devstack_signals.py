@@ -15,7 +15,7 @@ import uuid
 import psutil
 import pytest
 
-from shared.embedded_redis import free_port
+from scripts.embedded_redis import free_port
 from shared.settings import REPO_ROOT
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Direct mode (worker.direct): tile-by-tile trunk with halos, stitched, equals the whole-image
+"""Direct mode (worker.inference.direct): tile-by-tile trunk with halos, stitched, equals the whole-image
 pass; tile planning, memory budget, score-grid coordinates, progress and cancellation.
 
 Comparisons use pre-softmax scores (final Dense without activation) relative to their own
@@ -16,10 +16,10 @@ import pytest
 keras = pytest.importorskip("keras")
 layers = keras.layers
 
-from worker import direct  # noqa: E402
-from worker.direct import Span, direct_inference, plan_axis, tile_cells_for_budget  # noqa: E402
-from worker.fcn import to_fully_convolutional  # noqa: E402
-from worker.preprocess import get_preprocess  # noqa: E402
+from worker.inference import direct  # noqa: E402
+from worker.inference.direct import Span, direct_inference, plan_axis, tile_cells_for_budget  # noqa: E402
+from worker.inference.fcn import to_fully_convolutional  # noqa: E402
+from worker.inference.preprocess import get_preprocess  # noqa: E402
 
 WHOLE = 10**9  # tile_cells covering any image: one whole-image pass
 TF = get_preprocess("tf")

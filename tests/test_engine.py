@@ -17,12 +17,12 @@ keras = pytest.importorskip("keras")
 layers = keras.layers
 
 from shared.catalog import CatalogError  # noqa: E402
-from shared.imageio import ImageError  # noqa: E402
+from shared.image_sources.source_types import ImageError  # noqa: E402
 from shared.jobspec import ParameterError, validate_params  # noqa: E402
-from worker.artifacts import overlay_size  # noqa: E402
 from worker.engine import run_inference  # noqa: E402
-from worker.model_registry import ModelRegistry  # noqa: E402
-from worker.preprocess import get_preprocess  # noqa: E402
+from worker.inference.model_registry import ModelRegistry  # noqa: E402
+from worker.inference.preprocess import get_preprocess  # noqa: E402
+from worker.outputs.artifacts import overlay_size  # noqa: E402
 
 CLASSES = ["apple", "banana", "cherry", "date"]
 NPZ_KEYS = {"scores", "computed", "classes", "class_indices", "rows", "cols", "window", "stride", "mode", "model"}

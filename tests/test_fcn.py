@@ -1,4 +1,5 @@
-"""FCN conversion (worker.fcn, worker.receptive_field): exactness at the native size, supported/unsupported heads,
+"""FCN conversion (worker.inference.fcn, worker.inference.receptive_field): exactness at the native
+size, supported/unsupported heads,
 receptive field and stride computed from the layer graph, output shapes on larger inputs.
 
 All models use random weights (no downloads). Random-weight softmax outputs are nearly
@@ -14,8 +15,8 @@ import pytest
 keras = pytest.importorskip("keras")
 layers = keras.layers
 
-from worker.fcn import UnsupportedModelError, to_fully_convolutional  # noqa: E402
-from worker.receptive_field import receptive_field  # noqa: E402
+from worker.inference.fcn import UnsupportedModelError, to_fully_convolutional  # noqa: E402
+from worker.inference.receptive_field import receptive_field  # noqa: E402
 
 # --------------------------------------------------------------------------- helpers
 

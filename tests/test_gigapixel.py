@@ -16,17 +16,17 @@ from PIL import Image
 from slide_inputs import make_slide, write_geotiff, write_ome_tiff, write_pyramid_tiff
 
 from shapes.scenes import generate_scene
-from shared.analysis_raster import LevelRaster, ResampledRaster, choose_resolution
 from shared.exceptions import InputError
-from shared.image_sources import open_image_source
-from shared.imageio import ImageError
+from shared.image_sources.slide_source import open_slide_source
+from shared.image_sources.source_opener import open_image_source
+from shared.image_sources.source_types import ImageError
 from shared.jobspec import JobParams, ParameterError, validate_params
 from shared.settings import Settings
-from shared.slide_source import open_slide_source
-from worker.direct import MIN_READ_ROWS, direct_inference
 from worker.engine import run_inference
-from worker.model_registry import ModelRegistry
-from worker.tiled import tiled_inference
+from worker.inference.analysis_raster import LevelRaster, ResampledRaster, choose_resolution
+from worker.inference.direct import MIN_READ_ROWS, direct_inference
+from worker.inference.model_registry import ModelRegistry
+from worker.inference.tiled import tiled_inference
 
 MAX_PIXELS = 10**8
 LABELS = ["circle", "square", "triangle", "cross"]
@@ -214,8 +214,8 @@ class CountingTrunk:
 
 @pytest.mark.slow
 def test_masked_windows_are_nan_and_never_computed(registry, slide):
-    from shared.tissue_mask import auto_mask
-    from worker.inference_plan import window_keeper
+    from worker.inference.inference_plan import window_keeper
+    from worker.inference.tissue_mask import auto_mask
 
     loaded = registry.load("shapes")
     counting = CountingTrunk(loaded.fcn.trunk)

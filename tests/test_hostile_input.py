@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import DATABASES, Stack, make_database, png_bytes
 
-from shared import job_store
-from shared.database import session_scope
+from shared.jobs import job_store
+from shared.jobs.database import session_scope
 
 GOOD = png_bytes(np.random.default_rng(1).integers(0, 255, (96, 120, 3), dtype=np.uint8))
 #: The longest error message a client may see (issue 11: no large echo).

@@ -1,4 +1,4 @@
-"""Tests for shared.imageio (all images are generated at test time)."""
+"""Tests for shared.image_sources.pillow_decoder (all images are generated at test time)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from shared.imageio import (
+from shared.image_sources.pillow_decoder import (
     ALLOWED_FORMATS,
     ImageError,
     ImageInfo,
@@ -603,7 +603,7 @@ def test_no_tensorflow_import():
     import subprocess
 
     code = (
-        "import sys, shared.imageio; "
+        "import sys, shared.image_sources.pillow_decoder; "
         "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -1,4 +1,4 @@
-"""Deterministic fuzz test for shared.imageio.
+"""Deterministic fuzz test for shared.image_sources.pillow_decoder.
 
 Every input must either decode to a valid (H, W, 3) uint8 array or raise
 ImageError; any other exception, a call slower than PER_CALL_LIMIT_S, or a large
@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from shared.imageio import ImageError, ImageInfo, load_rgb, probe_image
+from shared.image_sources.pillow_decoder import ImageError, ImageInfo, load_rgb, probe_image
 
 SEED = 20240611
 # ~300 inputs run in well under a second; IMAGEIO_FUZZ_CASES / IMAGEIO_FUZZ_SEED allow

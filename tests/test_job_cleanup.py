@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import DATABASES, Stack, make_database, scene_png
 
-from shared import job_store
-from shared.database import session_scope
-from shared.reconcile import reconcile_once
+from shared.jobs import job_store
+from shared.jobs.database import session_scope
+from shared.jobs.reconcile import reconcile_once
 from shared.storage import Storage
 from worker.jobrunner import CLAIMED, COMMITTED, COMPUTED, STORED, WorkerContext, execute
 
@@ -35,7 +35,7 @@ class WorkerDied(BaseException):
 @pytest.fixture(scope="module")
 def registry():
     from shared.settings import Settings
-    from worker.model_registry import ModelRegistry
+    from worker.inference.model_registry import ModelRegistry
 
     registry = ModelRegistry(Settings().model_dirs)
     _ = registry.load("shapes").fcn

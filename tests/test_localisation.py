@@ -11,7 +11,7 @@ from shapes.scenes import generate_scene
 from shared.jobspec import JobParams
 from shared.settings import Settings
 from worker.engine import run_inference
-from worker.model_registry import ModelRegistry
+from worker.inference.model_registry import ModelRegistry
 
 LABELS = ["circle", "square", "triangle", "cross"]
 

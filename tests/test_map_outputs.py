@@ -18,10 +18,10 @@ from shapely.geometry import shape
 from shapes.scenes import generate_scene
 from shared.jobspec import JobParams, ParameterError, validate_params
 from shared.settings import Settings
-from worker.cell_geometry import cell_geotransform
 from worker.grid import ScoreGrid
-from worker.raster_output import halve, write_raster
-from worker.regions_output import write_regions
+from worker.outputs.cell_geometry import cell_geotransform
+from worker.outputs.raster_output import halve, write_raster
+from worker.outputs.regions_output import write_regions
 
 UTM = (500000.0, 0.5, 0.0, 4000000.0, 0.0, -0.5)  # level-0 pixel -> EPSG:32633 metres, north up
 CUSTOM_WKT = (
@@ -227,7 +227,7 @@ def test_threshold_parameter(tmp_path):
 @pytest.mark.parametrize("mode, stride", [("direct", None), ("tiled", 16)])
 def test_regions_of_a_real_scene_contain_the_objects(tmp_path, mode, stride):
     from worker.engine import run_inference
-    from worker.model_registry import ModelRegistry
+    from worker.inference.model_registry import ModelRegistry
 
     labels = ["circle", "square", "triangle", "cross"]
     image, objects = generate_scene(640, 512, n_objects=4, seed=5, labels=labels)

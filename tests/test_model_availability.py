@@ -23,10 +23,10 @@ from shared.catalog import (
     require_available,
     resolve_vgg16_weights,
 )
-from shared.database import session_scope
 from shared.exceptions import InputError
+from shared.jobs.database import session_scope
+from shared.jobs.tables import Job
 from shared.settings import BUNDLED_MODELS_DIR
-from shared.tables import Job
 
 IMAGE = png_bytes(np.random.default_rng(0).integers(0, 255, (240, 240, 3), dtype=np.uint8))
 

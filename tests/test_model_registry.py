@@ -1,4 +1,4 @@
-"""Model catalogue and registry (shared.catalog, worker.model_registry): VGG16 weight resolution
+"""Model catalogue and registry (shared.catalog, worker.inference.model_registry): VGG16 weight resolution
 without downloads, the built-in catalogue entry, sidecar validation, user-model checks.
 """
 
@@ -15,7 +15,7 @@ h5py = pytest.importorskip("h5py")
 layers = keras.layers
 
 from shared.catalog import CatalogError, ModelCatalog  # noqa: E402
-from worker.model_registry import (  # noqa: E402
+from worker.inference.model_registry import (  # noqa: E402
     VGG16_WEIGHTS_FILE,
     ModelRegistry,
     ModelUnavailableError,

@@ -1,4 +1,4 @@
-"""Overlays a person can read (worker.blend, worker.artifacts): max blending, heat scaled to
+"""Overlays a person can read (worker.outputs.blend, worker.outputs.artifacts): max blending, heat scaled to
 each class's own range, peaks, the legend, and - with numbers - that every object of the
 demo scene lights up in its own class's overlay.
 """
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.artifacts import LEGEND_HEIGHT, colormap, write_overlays
-from worker.blend import blend, class_heat, class_peaks
 from worker.grid import ScoreGrid
-from worker.tiled import window_origins
+from worker.inference.tiled import window_origins
+from worker.outputs.artifacts import LEGEND_HEIGHT, colormap, write_overlays
+from worker.outputs.blend import blend, class_heat, class_peaks
 
 # The overlay contrast margins (test_every_demo_object_lights_up_in_its_class_overlay): inside
 # each object's box the mean heat is at least half of its class's range, and at least
@@ -182,7 +182,7 @@ def demo_run(tmp_path_factory):
     from shared.jobspec import JobParams
     from shared.settings import BUNDLED_MODELS_DIR
     from worker.engine import run_inference
-    from worker.model_registry import ModelRegistry
+    from worker.inference.model_registry import ModelRegistry
 
     image, objects = generate_scene(2048, 1536, n_objects=10, seed=2026)
     out = tmp_path_factory.mktemp("demo-overlays")

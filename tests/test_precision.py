@@ -21,12 +21,12 @@ keras = pytest.importorskip("keras")
 from shapes.scenes import generate_scene  # noqa: E402
 from shared.jobspec import FORM_FIELDS, PRECISIONS, JobParams, ParameterError, validate_params  # noqa: E402
 from shared.settings import Settings  # noqa: E402
-from worker.compute_precision import apply_precision, compute_device  # noqa: E402
-from worker.direct import direct_inference  # noqa: E402
 from worker.engine import run_inference  # noqa: E402
-from worker.fcn import to_fully_convolutional  # noqa: E402
+from worker.inference.compute_precision import apply_precision, compute_device  # noqa: E402
+from worker.inference.direct import direct_inference  # noqa: E402
+from worker.inference.fcn import to_fully_convolutional  # noqa: E402
+from worker.inference.model_registry import ModelRegistry, PrecisionUnavailableError  # noqa: E402
 from worker.jobrunner import describe_failure  # noqa: E402
-from worker.model_registry import ModelRegistry, PrecisionUnavailableError  # noqa: E402
 
 LABELS = ["circle", "square", "triangle", "cross"]
 SCORE_BOUND = 0.03  # largest |bf16 - fp32| softmax score allowed (measured 0.0130)
@@ -170,8 +170,8 @@ def test_vgg16_random_weights_exact_in_float32_close_in_bfloat16():
 @pytest.mark.skipif(compute_device()["kind"] == "gpu", reason="float16 runs on a GPU")
 def test_cli_precision_flag(tmp_path, monkeypatch, capsys):
     """`heatmap infer --precision`: float16 on a CPU exits 2 with the code; bfloat16 runs and says so."""
+    from client import commands as cli
     from shared.settings import get_settings
-    from worker import cli
 
     monkeypatch.chdir(tmp_path)  # no stray .env
     monkeypatch.setenv("DATA_DIR", str(tmp_path))

@@ -14,8 +14,8 @@ import pytest
 import requests
 from conftest import scene_png, stop_process, wait_for_port
 
-from shared.embedded_redis import free_port
-from shared.reconcile import reconcile_once
+from scripts.embedded_redis import free_port
+from shared.jobs.reconcile import reconcile_once
 
 TOKEN = "scrape-token"
 # CI installs it (scripts/system-packages.txt); a developer without it gets a skip, CI a failure.

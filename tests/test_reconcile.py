@@ -8,10 +8,10 @@ import pytest
 import redis
 from conftest import DATABASES, Stack, make_database
 
-from shared import job_store
-from shared.database import session_scope
-from shared.reconcile import reconcile_once
-from shared.tables import Job, utcnow
+from shared.jobs import job_store
+from shared.jobs.database import session_scope
+from shared.jobs.reconcile import reconcile_once
+from shared.jobs.tables import Job, utcnow
 
 
 @pytest.fixture(params=DATABASES)

@@ -42,7 +42,7 @@ def test_submit_poll_download_matches_engine(service, tmp_path):
     # The same engine run in this process gives the same numbers.
     from shared.jobspec import JobParams
     from worker.engine import run_inference
-    from worker.model_registry import ModelRegistry
+    from worker.inference.model_registry import ModelRegistry
 
     path = tmp_path / "scene.png"
     path.write_bytes(image)

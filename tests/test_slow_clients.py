@@ -21,7 +21,7 @@ import pytest
 import requests
 from conftest import Stack, make_database
 
-from shared.embedded_redis import free_port
+from scripts.embedded_redis import free_port
 from shared.settings import REPO_ROOT
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Tiled mode (worker.tiled) and blending (worker.blend): the original classifier on batched
+"""Tiled mode (worker.inference.tiled) and blending (worker.outputs.blend): the original classifier on batched
 native windows with the last row/column flush with the border; overlapping windows are
 averaged (or gaussian-weighted) into a per-pixel map.
 """
@@ -13,10 +13,10 @@ import pytest
 keras = pytest.importorskip("keras")
 layers = keras.layers
 
-from worker.blend import blend  # noqa: E402
 from worker.grid import ScoreGrid  # noqa: E402
-from worker.preprocess import get_preprocess  # noqa: E402
-from worker.tiled import tiled_inference, window_origins  # noqa: E402
+from worker.inference.preprocess import get_preprocess  # noqa: E402
+from worker.inference.tiled import tiled_inference, window_origins  # noqa: E402
+from worker.outputs.blend import blend  # noqa: E402
 
 TF = get_preprocess("tf")
 WINDOW = (32, 28)

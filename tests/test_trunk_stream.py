@@ -1,4 +1,4 @@
-"""Direct mode's ``rows`` scheme (worker.trunk_stream): the trunk streamed over full-width row
+"""Direct mode's ``rows`` scheme (worker.inference.trunk_stream): the trunk streamed over full-width row
 bands, each layer keeping only the rows its next output needs, equals the whole-image pass;
 every layer computes each of its output rows exactly once (no halo recomputation); line
 buffers stay a few rows; trunks that cannot stream are left to the tiles scheme.
@@ -22,10 +22,10 @@ from test_direct import (  # noqa: E402
     whole_fcn_pass,
 )
 
-from worker.direct import MIN_READ_ROWS, direct_inference  # noqa: E402
-from worker.fcn import to_fully_convolutional  # noqa: E402
-from worker.preprocess import get_preprocess  # noqa: E402
-from worker.trunk_stream import chain_layers, same_padding, stream_plan, stream_rows  # noqa: E402
+from worker.inference.direct import MIN_READ_ROWS, direct_inference  # noqa: E402
+from worker.inference.fcn import to_fully_convolutional  # noqa: E402
+from worker.inference.preprocess import get_preprocess  # noqa: E402
+from worker.inference.trunk_stream import chain_layers, same_padding, stream_plan, stream_rows  # noqa: E402
 
 TF = get_preprocess("tf")
 

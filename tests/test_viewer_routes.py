@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 from conftest import scene_png
 from PIL import Image
 
-from shared.job_status import JobStatus
+from shared.jobs.job_status import JobStatus
 
 
 def test_viewer_files_of_a_job(service):

@@ -14,16 +14,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from shared.analysis_raster import ArrayRaster, Raster, choose_resolution, open_raster
-from shared.image_sources import DEFAULT_MAX_REGION_PIXELS, ImageSource, open_image_source
+from shared.image_sources.source_opener import open_image_source
+from shared.image_sources.source_types import DEFAULT_MAX_REGION_PIXELS, ImageSource
 from shared.jobspec import JobParams
 from shared.storage import VIEWER_DIR
-from shared.tissue_mask import overview
-from worker.artifacts import write_heatmap, write_overlays, write_summary
-from worker.deepzoom import write_viewer
-from worker.direct import direct_inference
 from worker.grid import KeepFn, ProgressFn, ScoreGrid
-from worker.inference_plan import (
+from worker.inference.analysis_raster import ArrayRaster, Raster, choose_resolution, open_raster
+from worker.inference.direct import direct_inference
+from worker.inference.inference_plan import (
     build_mask,
     check_analysis_size,
     check_grid_memory,
@@ -31,10 +29,13 @@ from worker.inference_plan import (
     source_summary,
     window_keeper,
 )
-from worker.model_registry import LoadedModel, ModelRegistry
-from worker.raster_output import write_raster
-from worker.regions_output import write_regions
-from worker.tiled import tiled_inference
+from worker.inference.model_registry import LoadedModel, ModelRegistry
+from worker.inference.tiled import tiled_inference
+from worker.inference.tissue_mask import overview
+from worker.outputs.artifacts import write_heatmap, write_overlays, write_summary
+from worker.outputs.deepzoom import write_viewer
+from worker.outputs.raster_output import write_raster
+from worker.outputs.regions_output import write_regions
 
 
 def select_classes(grid: ScoreGrid, params: JobParams) -> ScoreGrid:
@@ -99,7 +100,7 @@ def run_inference(
     ImageSource and read region by region. `mask_image` is an uploaded mask (params.mask
     "image"). `georeference` (keys ``geotransform``, ``crs_wkt``, ``epsg``, ``mpp``: level-0
     pixels) overrides what the source states; it places ``heatmap.tif`` and the regions on the
-    map. Raises ``shared.imageio.ImageError`` for bad images, ``shared.catalog.CatalogError``
+    map. Raises ``shared.image_sources.pillow_decoder.ImageError`` for bad images, ``shared.catalog.CatalogError``
     for unknown models, and whatever `progress` raises (e.g. a cancellation).
     """
     out_dir = Path(out_dir)

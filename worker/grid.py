@@ -30,7 +30,7 @@ class ScoreGrid:
     computed: np.ndarray | None = None  # (rows, cols) bool: windows computed (None: all); others NaN
     tiles_read: int = 0  # units of work done (trunk tiles or window batches)
     tiles_skipped: int = 0  # units a mask made unnecessary (never read)
-    scheme: str | None = None  # direct mode: "rows" or "tiles" (worker.direct); None in tiled mode
+    scheme: str | None = None  # direct mode: "rows" or "tiles" (worker.inference.direct); None in tiled mode
 
     def select(self, class_indices) -> ScoreGrid:
         """Keep only the given model output indices (in that order)."""

@@ -10,7 +10,7 @@ Files and rows agree (issue 11): right before storing, the worker checks the row
 wrote; and when the commit finds the job no longer held - canceled, failed, or its row
 deleted by the client or by retention meanwhile - the worker removes the results it stored,
 unless the row names another attempt that owns them. What a dying worker leaves behind is
-removed by the reconciler's orphan sweep (`shared.reconcile`).
+removed by the reconciler's orphan sweep (`shared.jobs.reconcile`).
 """
 
 from __future__ import annotations
@@ -28,17 +28,17 @@ from typing import TypeVar
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from shared import job_metrics, job_store
-from shared.database import session_scope
 from shared.error_text import public_message
 from shared.exceptions import InputError
-from shared.imageio import ImageError
-from shared.job_status import JobStatus
+from shared.image_sources.source_types import ImageError
+from shared.jobs import job_metrics, job_store
+from shared.jobs.database import session_scope
+from shared.jobs.job_status import JobStatus
 from shared.jobspec import JobParams
 from shared.settings import Settings
 from shared.storage import Storage, StorageError, artifact_keys, mask_key, results_prefix, upload_prefix
 from worker.engine import run_inference
-from worker.model_registry import ModelRegistry, ModelUnavailableError
+from worker.inference.model_registry import ModelRegistry, ModelUnavailableError
 from worker.scratch import make_scratch_dir
 
 log = logging.getLogger("heatmaps.worker")
@@ -187,7 +187,7 @@ def execute(job_id: str, context: WorkerContext) -> JobStatus | None:
 
 
 def _count_outcome(settings: Settings, job_id: str, token: str) -> None:
-    """Prometheus counters (shared.job_metrics); counting never fails a job."""
+    """Prometheus counters (shared.jobs.job_metrics); counting never fails a job."""
     try:
         job_metrics.observe_job_end(settings, job_id, token)
     except Exception as exc:

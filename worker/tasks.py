@@ -16,8 +16,8 @@ import os
 
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
-from shared.database import dispose_engines
-from shared.queue import RUN_JOB_TASK, make_celery
+from shared.jobs.database import dispose_engines
+from shared.jobs.queue import RUN_JOB_TASK, make_celery
 from shared.settings import get_settings
 
 log = logging.getLogger("heatmaps.worker")
@@ -48,8 +48,8 @@ def get_context():
     if _context is None:
         configure_accelerator()
         from shared.storage import Storage
+        from worker.inference.model_registry import ModelRegistry
         from worker.jobrunner import WorkerContext
-        from worker.model_registry import ModelRegistry
 
         registry = ModelRegistry(settings.model_dirs, settings.vgg16_weights, settings.worker_precision)
         _context = WorkerContext(
@@ -86,7 +86,7 @@ def _start_reconciler(**_kwargs) -> None:
 
     clean_stale_scratch()  # what killed workers left in the temp folder
     if settings.worker_reconciler:
-        from shared.reconcile import start_thread
+        from shared.jobs.reconcile import start_thread
 
         _reconciler_stop = start_thread(settings)
 

@@ -3,7 +3,7 @@
 It runs as a thread in each worker's main process (beside the reconciler, away from the pool
 process that runs jobs), so a receiver that hangs holds one of its ``WEBHOOK_CONCURRENCY``
 delivery threads for at most ``WEBHOOK_TIMEOUT_S`` per socket operation and never the next
-job. It finds due deliveries in the database (see `shared.webhook_store`), so every way a job
+job. It finds due deliveries in the database (see `shared.jobs.webhook_store`), so every way a job
 ends - succeeded or failed in a worker, canceled through the API, failed ``worker_lost`` by
 the reconciler - is delivered, and a sender that dies mid-attempt is replaced by another
 once the attempt's lease runs out. Deliveries are at least once: receivers de-duplicate on
@@ -25,10 +25,11 @@ from datetime import UTC, timedelta
 
 import urllib3
 
-from shared import job_store, webhook_store
-from shared.database import session_scope
+from shared.jobs import job_store, webhook_store
+from shared.jobs.database import session_scope
+from shared.jobs.tables import Job, utcnow
+from shared.jobs.webhook_store import WebhookState
 from shared.settings import Settings, get_settings
-from shared.tables import Job, utcnow
 from shared.webhook_signing import (
     DELIVERY_HEADER,
     EVENT_HEADER,
@@ -38,7 +39,6 @@ from shared.webhook_signing import (
     check_destination,
     sign,
 )
-from shared.webhook_store import WebhookState
 
 log = logging.getLogger("heatmaps.webhooks")
 

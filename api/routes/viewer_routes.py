@@ -1,0 +1,90 @@
+"""/api/v1/jobs/<id>/viewer and /dzi/...: what the job page's deep-zoom viewer reads.
+
+The worker writes Deep Zoom pyramids of the image and of each class's heat layer, plus a
+manifest (`viewer.json`: layers, score ranges, peaks, the score grid). They are served here,
+behind the same API key and ownership checks as every other artifact (the browser sends the
+key as a header on tile requests too), so the page's HTML needs no key and no cookie.
+"""
+
+from __future__ import annotations
+
+from flask import Response, send_file, stream_with_context
+from flask_smorest import Blueprint
+
+from api.auth import authenticate
+from api.error_handlers import ApiError
+from api.routes.job_routes import _ctx, _db, _load_job
+from shared.jobs.job_status import JobStatus
+from shared.storage import dzi_descriptor_name, dzi_tile_name, is_layer_name, viewer_key
+
+blp = Blueprint("viewer", __name__, url_prefix="/api/v1/jobs", description="Deep-zoom viewer data")
+blp.before_request(authenticate)
+
+MIMETYPES = {"json": "application/json", "dzi": "application/xml", "jpeg": "image/jpeg", "png": "image/png"}
+
+
+def _viewer_file(job_id: str, name: str, cache_s: int = 0):
+    """Stream one file of a succeeded job's viewer folder (404 when absent: an older job, or
+    a name the worker never writes)."""
+    with _db() as session:
+        job = _load_job(session, job_id)
+        if job.status != JobStatus.succeeded or not job.result:
+            raise ApiError(409, "job_not_finished", f"the job is {job.status}; the viewer exists once it succeeded")
+    key = viewer_key(job.id, name)
+    storage = _ctx().storage
+    mimetype = MIMETYPES[name.rsplit(".", 1)[1]]
+    local = storage.local_path(key)
+    if local is not None:
+        if not local.is_file():
+            raise ApiError(404, "not_found", "no such viewer file")
+        response = send_file(local, mimetype=mimetype, max_age=cache_s)
+    else:
+        if not storage.fs.exists(storage.path(key)):
+            raise ApiError(404, "not_found", "no such viewer file")
+        response = Response(stream_with_context(storage.iter_chunks(key)), mimetype=mimetype)
+    # Tiles never change once written; `private`: they belong to one key.
+    response.headers["Cache-Control"] = f"private, max-age={cache_s}"
+    return response
+
+
+def _layer(layer: str) -> str:
+    if not is_layer_name(layer):
+        raise ApiError(404, "not_found", "no such layer")
+    return layer
+
+
+@blp.route("/<string:job_id>/viewer", endpoint="manifest")
+@blp.doc(operationId="getViewerManifest")
+@blp.response(200, description="viewer.json: image and heat layers, score ranges, peaks, score grid")
+def manifest(job_id):
+    """The viewer's manifest: Deep Zoom layers, each class's score range and peak, the grid."""
+    return _viewer_file(job_id, "viewer.json")
+
+
+@blp.route("/<string:job_id>/dzi/<string:layer>.dzi", endpoint="descriptor")
+@blp.doc(operationId="getDeepZoomDescriptor")
+@blp.response(200, description="Deep Zoom descriptor (XML)", content_type="application/xml")
+def descriptor(job_id, layer):
+    """Deep Zoom descriptor of the image (`image`) or of one class's heat (`heat_<index>`)."""
+    return _viewer_file(job_id, dzi_descriptor_name(_layer(layer)))
+
+
+@blp.route("/<string:job_id>/dzi/<string:layer>_files/<int:level>/<int:col>_<int:row>.<string:ext>", endpoint="tile")
+@blp.doc(
+    operationId="getDeepZoomTile",
+    responses={
+        "200": {
+            "description": "one Deep Zoom tile: JPEG for the image layer, PNG with transparency for heat",
+            "content": {
+                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+)
+@blp.response(200, description="one Deep Zoom tile", content_type="image/jpeg")
+def tile(job_id, layer, level, col, row, ext):
+    """One tile of a Deep Zoom layer (JPEG for the image, PNG with transparency for heat)."""
+    if ext not in ("jpeg", "png") or level > 64:
+        raise ApiError(404, "not_found", "no such tile")
+    return _viewer_file(job_id, dzi_tile_name(_layer(layer), level, col, row, ext), cache_s=3600)
