@@ -22,7 +22,7 @@ from PIL import Image
 keras = pytest.importorskip("keras")
 layers = keras.layers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["sky", "sea", "sand"]
 
 

@@ -19,7 +19,7 @@ pytest.importorskip("jax")
 
 from shapes.scenes import generate_scene  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The engine's exactness tests: direct mode's stitched == whole (odd sizes, strided 'same'
 # padding, a VGG-like trunk, budget-chosen tiles), tiled mode == the classifier on the crops
 # and independent of the batch size; the uniform tile plan compiles the trunk once; the
@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # trunk once per tile shape, over 10 minutes on a busy 2-core CPU) and the planning,
 # progress and argument tests, which do not depend on the backend; all run on TensorFlow.
 EXACTNESS_TESTS = [
-    "tests/test_direct.py",
-    "tests/test_tiled.py",
-    "tests/test_trunk_stream.py",
+    "tests/inference/test_direct.py",
+    "tests/inference/test_tiled.py",
+    "tests/inference/test_trunk_stream.py",
     "-k",
     "stitched or budget_chosen or vgg_like or same_padding or equal_classifier or independent_of_batch"
     " or uniform or compiles_once or streamed_equals",

@@ -607,7 +607,7 @@ def test_no_tensorflow_import():
         "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]; "
         "assert not bad, bad"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
 
 

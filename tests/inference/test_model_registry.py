@@ -22,7 +22,7 @@ from worker.inference.model_registry import (  # noqa: E402
     resolve_vgg16_weights,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUILTIN = ROOT / "models"
 
 

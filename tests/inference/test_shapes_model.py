@@ -21,7 +21,7 @@ from shapes.scenes import OBJECT_CLASSES, SHAPE_CLASSES, WINDOW, generate_scene,
 
 keras = pytest.importorskip("keras")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL_PATH = ROOT / "models" / "shapes.keras"
 SIDECAR_PATH = ROOT / "models" / "shapes.json"
 

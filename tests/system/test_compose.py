@@ -18,7 +18,7 @@ import yaml
 
 from shared.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE_API = ROOT / "docker" / "Dockerfile.api"
 DOCKERFILE_WORKER = ROOT / "docker" / "Dockerfile.worker"
