@@ -10,8 +10,8 @@
 #   bench/gpu_bench.sh [TILED] [DIRECT]   # THERE: install what is missing from bench/wheels,
 #                                         # then run (default 1024 4096; ~3-4 minutes on an H100)
 #
-# Tested on CPU at a small size: `QUICK=1 JAX_PLATFORMS=cpu PYTHON=.venv/bin/python bench/gpu_bench.sh 224 448`
-# (the README's "GPU path" section gives that run). Options via the environment: PYTHON (default
+# Tested on CPU at a small size: `QUICK=1 JAX_PLATFORMS=cpu PYTHON=.venv/bin/python bench/gpu_bench.sh 336 448`
+# (bench/README.md gives that run). Options via the environment: PYTHON (default
 # python3), BUDGET_MB (direct mode's memory budget, default 16384: large tiles on a GPU),
 # PRECISIONS (default "float32 bfloat16"), QUICK=1 (2048 matmul, 3 repeats), OUT (JSON results, default bench/results/gpu_bench.json).
 set -euo pipefail

@@ -16,7 +16,7 @@ from shared.exceptions import InputError
 
 MODES = ("direct", "tiled")
 # Overlay blending of overlapping windows (worker.outputs.blend); max keeps objects smaller than the
-# window visible (README, "Overlays").
+# window visible (docs/outputs.md, "Overlays").
 WEIGHTINGS = ("max", "mean", "gaussian")
 DEFAULT_WEIGHTING = "max"
 #: mask modes; "image" means a mask picture was sent (the `mask_image` file field, or a path on the CLI)

@@ -1,7 +1,7 @@
 """Backlog under fire: 300 small jobs, 3 workers, one of them SIGKILLed twice during the run.
 
 All 300 must end succeeded, none lost, none committed twice. Run with ``-s`` to see the
-figures quoted in the README (``pytest tests/test_backlog.py -s``).
+figures quoted in bench/README.md (``pytest tests/system/test_backlog.py -s``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ stack (gunicorn serving the API, a real Celery worker, Redis, SQLite and the bun
 
 Every request the page makes goes through a route handler that lets the service's own
 host through and blocks and counts everything else: the page must work offline. Screenshots
-go to tests/artifacts/browser/ (ignored by git); docs/webui.png is one of them.
+go to tests/artifacts/browser/ (ignored by git); docs/webui.jpg was made from one of them.
 """
 
 from __future__ import annotations

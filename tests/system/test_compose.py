@@ -161,7 +161,7 @@ def test_migrate_runs_once_from_the_api_image(services):
     assert depends_on(migrate)["postgres"]["condition"] == "service_healthy"
     assert migrate["build"] == api["build"]
     assert migrate["build"]["dockerfile"] == "docker/Dockerfile.api"
-    assert (ROOT / "shared" / "migrate.py").is_file()
+    assert (ROOT / "shared" / "jobs" / "migrate.py").is_file()
 
 
 def test_api_service(services):
@@ -176,7 +176,7 @@ def test_api_service(services):
     assert deps["redis"]["condition"] == "service_healthy"
     health = " ".join(api["healthcheck"]["test"])
     assert "python" in health and "/healthz" in health and "curl" not in health
-    assert '"/healthz"' in (ROOT / "api" / "health.py").read_text()
+    assert '"/healthz"' in (ROOT / "api" / "routes" / "health.py").read_text()
 
 
 def test_nginx_fronts_the_api(services):

@@ -12,7 +12,7 @@ compute type either way), and the window-sized head convolution can cast its own
 
 Where it pays: GPU tensor cores (bf16 and fp16), CPUs with avx512_bf16 or AMX (oneDNN's
 bf16 kernels). A CPU without them runs bf16 through conversions around fp32 kernels, which
-is slower than float32 (README gives the measurement); float16 is refused off a GPU because
+is slower than float32 (bench/README.md gives the measurement); float16 is refused off a GPU because
 CPU kernels for it are emulated and slow, and its range (6e4) can overflow in unnormalised
 trunks.
 """

@@ -54,7 +54,7 @@ from worker.inference.trunk_stream import band_rows_for_budget, stream_plan, str
 # beat one huge pass despite the halo recomputation, and larger tiles only cost memory. Not
 # applied on a GPU, where the largest tile the budget allows is fastest.
 DEFAULT_MAX_TILE_PIXELS = 1600 * 1600
-# Cap on a row band's pixels (rows scheme), a speed/memory trade measured on VGG16 (README,
+# Cap on a row band's pixels (rows scheme), a speed/memory trade measured on VGG16 (bench/README.md,
 # bench/results/band_sweep*): at 4096 px wide in float32, 128-row bands (0.5 MP) took 84.8 s
 # at 2.25 GB peak, 256-row bands 76.7 s at 2.92 GB, 64-row bands 91.2 s; at 2048 px, 32-row
 # bands were 1.27x slower than 512-row ones. 0.5 MP keeps a 4096-wide job under 2.5 GB.

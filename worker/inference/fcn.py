@@ -124,7 +124,7 @@ class FullyConvolutional:
         Flatten+Dense head runs as one matrix product over gathered patches (im2col): with a
         window-sized kernel and few output positions the convolution is one large matrix
         product, which runs faster as a plain matmul than through TensorFlow's convolution
-        (README and ``bench/results/direct_im2col.*`` give the measurements).
+        (bench/README.md and ``bench/results/direct_im2col.*`` give the measurements).
         """
         if self.window_conv is None:
             return _as_float32(self.head(features, training=False))[0]
