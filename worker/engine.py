@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -38,14 +38,17 @@ from worker.outputs.raster_output import write_raster
 from worker.outputs.regions_output import write_regions
 
 
-def select_classes(grid: ScoreGrid, params: JobParams) -> ScoreGrid:
+def select_classes(grid: ScoreGrid, params: JobParams, background: Sequence[int] = ()) -> ScoreGrid:
     """Explicit classes as given; otherwise the top-k classes by their maximum score
-    (over computed windows; masked windows are NaN)."""
+    (over computed windows; masked windows are NaN), never a `background` class (the
+    model's "nothing here": it would win on every image and hide the objects)."""
     if params.class_indices is not None:
         return grid.select(params.class_indices)
     flat = grid.scores.reshape(-1, grid.scores.shape[2])
     best = np.full(flat.shape[1], -np.inf) if not np.isfinite(flat).any() else np.nanmax(flat, axis=0)
-    order = np.argsort(-np.nan_to_num(best, nan=-np.inf), kind="stable")[: params.top_k]
+    candidates = ~np.isin(grid.class_indices, np.asarray(background, dtype=np.int64))
+    order = np.argsort(-np.nan_to_num(best, nan=-np.inf), kind="stable")
+    order = order[candidates[order]][: params.top_k]
     return grid.select(grid.class_indices[order])
 
 
@@ -209,7 +212,9 @@ def _compute(source: ImageSource, params: JobParams, loaded: LoadedModel, mask_i
     check_grid_memory(raster, params, loaded)
     timings["decode_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    grid = select_classes(compute_grid(raster, params, loaded, progress, keep), params).in_level0(raster.scale)
+    background = loaded.info.background_indices()
+    grid = compute_grid(raster, params, loaded, progress, keep)
+    grid = select_classes(grid, params, background).in_level0(raster.scale)
     timings["inference_s"] = time.perf_counter() - clock
     return grid, raster, mask, mask_mode
 
