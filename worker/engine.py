@@ -33,6 +33,7 @@ from worker.inference.model_registry import LoadedModel, ModelRegistry
 from worker.inference.tiled import tiled_inference
 from worker.inference.tissue_mask import overview
 from worker.outputs.artifacts import write_heatmap, write_overlays, write_summary
+from worker.outputs.blend import colour_scales
 from worker.outputs.deepzoom import write_viewer
 from worker.outputs.raster_output import write_raster
 from worker.outputs.regions_output import write_regions
@@ -173,24 +174,28 @@ def _write_outputs(
     info = source.info
     picture = raster.pixels if isinstance(raster, ArrayRaster) else overview(source, params.overlay_max_side)
     names = [loaded.info.classes[int(i)] for i in grid.class_indices]
+    shown = grid.without_nan()
+    scales = colour_scales(shown, (info.height, info.width), params.weighting)  # one per class: PNG = viewer
     if viewer:
         write_viewer(
             out_dir / VIEWER_DIR,
             lambda x, y, w, h: source.read_region(0, x, y, w, h),
             (info.width, info.height),
-            grid.without_nan(),
+            shown,
             names,
             params.weighting,
+            scales,
         )
     write_heatmap(out_dir, grid, names, params.mode, loaded.name)
     overlays = write_overlays(
         out_dir,
-        grid.without_nan(),
+        shown,
         picture,
         names,
         max_side=params.overlay_max_side,
         weighting=params.weighting,
         image_size=(info.height, info.width),
+        scales=scales,
     )
     return {
         "overlay_size": {"width": overlays.size[1], "height": overlays.size[0]},

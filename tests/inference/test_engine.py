@@ -393,3 +393,18 @@ def test_unknown_class_lists_the_classes(info):
     with pytest.raises(CatalogError) as exc:
         info.class_indices(["kiwi"])
     assert "apple, banana, cherry, date" in exc.value.message
+
+
+def test_overlay_png_and_viewer_share_each_class_colour_scale(registry, info, image_path, tmp_path):
+    """Issue 19: the PNG and the viewer coloured the same job on different ranges (0.352-0.418
+    against 0.000-0.418); both now take the class's one colour scale."""
+    params = validate_params({"mode": "tiled", "stride": 8, "top_k": 4}, info)
+    summary = run_inference(image_path, params, registry, tmp_path, max_pixels=MAX_PIXELS, viewer=True)
+    manifest = json.loads((tmp_path / "viewer" / "viewer.json").read_text())
+    png = {c["name"]: c["scale"] for c in summary["classes"]}
+    for entry in manifest["classes"]:
+        assert (entry["low"], entry["high"], entry["near_chance"]) == (
+            png[entry["name"]]["low"],
+            png[entry["name"]]["high"],
+            png[entry["name"]]["near_chance"],
+        )
