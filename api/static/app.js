@@ -55,7 +55,9 @@
     const data = type.includes("json") ? await response.json() : null;
     if (!response.ok) {
       const error = (data && data.error) || { code: "http_" + response.status, message: response.statusText };
-      if (response.status === 401 || response.status === 403) askForKey(error.message);
+      // A key problem (401, or 403 "forbidden"); other 403s (image_url_disabled, url_not_allowed)
+      // are about the input and must not ask for the key again.
+      if (response.status === 401 || (response.status === 403 && error.code === "forbidden")) askForKey(error.message);
       throw new ApiError(response.status, error.code, error.message);
     }
     return data;
