@@ -28,7 +28,7 @@ from api.input_probe import probe_input
 from shared.catalog import require_available
 from shared.jobs import job_store
 from shared.jobs.database import session_scope
-from shared.jobs.job_status import JobStatus
+from shared.jobs.job_status import RETRYABLE
 from shared.jobs.queue import send_job
 from shared.jobs.tables import Job, new_job_id
 from shared.jobspec import check_field_sizes, validate_params
@@ -243,7 +243,6 @@ def _enqueue(ctx: ApiContext, job_id: str) -> None:
 
 
 # --- retry ---------------------------------------------------------------------------------
-RETRYABLE = (JobStatus.failed, JobStatus.canceled)
 
 
 def retry_job(ctx: ApiContext, owner: str, job_id: str) -> Submitted:

@@ -235,6 +235,10 @@ class ModelSchema(ma.Schema):
     name = ma.fields.String(required=True)
     classes = ma.fields.List(ma.fields.String(), required=True)
     num_classes = ma.fields.Integer(required=True)
+    background_classes = ma.fields.List(
+        ma.fields.String(),
+        metadata={"description": "classes meaning 'nothing here': skipped by the default top_k and the first view"},
+    )
     input_size = ma.fields.Nested(SizeSchema, required=True)
     output_stride = ma.fields.Integer(allow_none=True)
     preprocess = ma.fields.String(required=True)
@@ -246,8 +250,10 @@ class ModelSchema(ma.Schema):
 
 
 class ModelProblemSchema(ma.Schema):
-    file = ma.fields.String(required=True, metadata={"description": "the sidecar's file name"})
-    message = ma.fields.String(required=True, metadata={"description": "why the model is not offered"})
+    file = ma.fields.String(required=True, metadata={"description": "the sidecar's or the model file's name"})
+    message = ma.fields.String(
+        required=True, metadata={"description": "why the model is not offered (a job naming it is refused)"}
+    )
 
 
 class ModelListSchema(ma.Schema):
@@ -255,7 +261,10 @@ class ModelListSchema(ma.Schema):
     problems = ma.fields.List(
         ma.fields.Nested(ModelProblemSchema),
         required=True,
-        metadata={"description": "sidecars in the model folders that were ignored, and why"},
+        metadata={
+            "description": "model files and sidecars in the model folders that were ignored, and why: "
+            "a model file without a sidecar, or a sidecar that disagrees with its model"
+        },
     )
 
 

@@ -7,6 +7,7 @@ place, and every refusal comes back as a `ClientError` with the service's own er
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -77,12 +78,16 @@ class HeatmapClient:
         except ValueError:
             raise ClientError("bad_response", f"{path} did not answer JSON", response.status_code) from None
 
-    def submit(self, image: str | Path, fields: Mapping[str, str], idempotency_key: str | None = None) -> dict:
-        """POST the image (streamed) with the job's form fields; returns the job."""
-        image = Path(image)
+    def submit(self, image: str | Path | None, fields: Mapping[str, str], idempotency_key: str | None = None) -> dict:
+        """POST the image (streamed) with the job's form fields; returns the job. `image`
+        None: a submission by reference (``fields["image_url"]``), nothing is uploaded."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        with open(image, "rb") as handle:
-            encoder = MultipartEncoder({**fields, "image": (image.name, handle, "application/octet-stream")})
+        with contextlib.ExitStack() as stack:
+            parts: dict = dict(fields)
+            if image is not None:
+                image = Path(image)
+                parts["image"] = (image.name, stack.enter_context(open(image, "rb")), "application/octet-stream")
+            encoder = MultipartEncoder(parts)
             headers["Content-Type"] = encoder.content_type
             return self._json("POST", f"{API}/jobs", (200, 202), data=encoder, headers=headers)
 

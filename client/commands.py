@@ -1,7 +1,7 @@
 """``heatmap``: the service's command line.
 
-    heatmap submit IMAGE [--server URL] [--api-key KEY] [--model M] [--mode direct|tiled]
-                         [--top-k K | --classes a,b] [...] [--wait] [--out DIR] [--json]
+    heatmap submit IMAGE|--image-url URL [--server URL] [--api-key KEY] [--model M]
+                         [--mode direct|tiled] [--top-k K | --classes a,b] [...] [--wait] [--out DIR] [--json]
     heatmap status JOB [--json]          heatmap jobs [--status S] [--limit N] [--cursor C]
     heatmap cancel JOB                   heatmap models [--server URL] [--json]
     heatmap infer IMAGE --out DIR [...]  (the engine on this machine; needs the worker extra)
@@ -10,7 +10,11 @@ The server and the key come from ``--server`` / ``--api-key`` or ``HEATMAP_SERVE
 ``HEATMAP_API_KEY``. Only ``infer`` loads TensorFlow; every other command starts in a
 fraction of a second. Exit status: 0 done, 1 the job failed or was canceled (its error code
 is printed), 2 the request was refused or the input is wrong, 3 the service could not be
-reached or failed, 130 interrupted while waiting (the job goes on).
+reached or failed, 130 interrupted while waiting (the job goes on). Output piped into a
+reader that stops early (``heatmap jobs | head``) ends quietly, as other command-line tools do.
+
+``submit`` uploads IMAGE, or with ``--image-url`` (or a URL as IMAGE) sends only the
+reference: the worker reads the slide in place, under the service's ``INPUT_URL_PREFIXES``.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     http = _connection_flags()
     submit = commands.add_parser("submit", parents=[http], help="submit an image to the service")
-    submit.add_argument("image")
+    submit.add_argument("image", nargs="?", help="image file to upload, or a URL read in place (as --image-url)")
     add_job_flags(submit)
     submit.add_argument("--wait", action="store_true", help="wait for the job (a progress bar on a terminal)")
     submit.add_argument("--out", help="download the results into this folder (implies --wait)")
@@ -94,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is caught below, not printed
+        return status
+    except BrokenPipeError:  # the reader of our output went away (`| head`): no traceback
+        _silence_stdout()
+        return EXIT_JOB_FAILED
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not raise again
+    (the recipe of Python's `signal` documentation for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "infer":
         from worker.local_infer import run_infer  # TensorFlow: only for this command
@@ -121,10 +143,29 @@ def _job_outcome(job: dict) -> int:
     return EXIT_OK
 
 
-def _submit(client: HeatmapClient, args: argparse.Namespace) -> int:
+def _submission_input(args: argparse.Namespace) -> tuple[Path | None, str | None]:
+    """(file to upload, or None; the error to print, or None). A URL given as IMAGE is sent
+    as image_url (by reference, nothing uploaded); a file with --image-url is refused."""
+    if args.image and "://" in args.image:
+        if args.image_url:
+            return None, "invalid_parameter: give the URL once (IMAGE or --image-url)"
+        args.image_url, args.image = args.image, None
+    if args.image and args.image_url:
+        return None, "invalid_parameter: give an image file or --image-url URL, not both"
+    if args.image_url:
+        return None, None
+    if not args.image:
+        return None, "missing_image: give an image file to upload, or --image-url URL for a file the service reads"
     image = Path(args.image)
     if not image.is_file():
-        print(f"error: file_not_found: {image}", file=sys.stderr)
+        return None, f"file_not_found: {image} (a slide the service can read: --image-url URL)"
+    return image, None
+
+
+def _submit(client: HeatmapClient, args: argparse.Namespace) -> int:
+    image, problem = _submission_input(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_REFUSED
     fields = {f.name: str(getattr(args, f.name)) for f in FORM_FIELDS if getattr(args, f.name) is not None}
     job = client.submit(image, fields)

@@ -20,13 +20,23 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def save_results(client: HeatmapClient, job: dict, out: Path) -> list[Path]:
-    """Download the heatmap, the summary and every overlay into `out`, under the names the
-    worker gives them (the same layout as ``heatmap infer --out``)."""
-    from shared.storage import HEATMAP_FILE, SUMMARY_FILE, overlay_filename  # fsspec: only when saving
+    """Download every output the job has into `out`, under the names the worker gives them
+    (the same layout as ``heatmap infer --out``): heatmap, summary, overlays and the map
+    outputs (heatmap.tif, regions.geojson, regions_map.geojson) that QuPath and QGIS open."""
+    from shared.storage import (  # fsspec: only when saving
+        HEATMAP_FILE,
+        RASTER_FILE,
+        REGIONS_FILE,
+        REGIONS_MAP_FILE,
+        SUMMARY_FILE,
+        overlay_filename,
+    )
 
     result = job["result"]
     wanted = [(result["heatmap_url"], HEATMAP_FILE), (result["summary_url"], SUMMARY_FILE)]
     wanted += [(entry["overlay_url"], overlay_filename(entry["index"])) for entry in result["classes"]]
+    maps = (("raster_url", RASTER_FILE), ("regions_url", REGIONS_FILE), ("regions_map_url", REGIONS_MAP_FILE))
+    wanted += [(result[link], name) for link, name in maps if result.get(link)]
     return [client.download(url, out / name) for url, name in wanted]
 
 

@@ -85,6 +85,7 @@ class Service:
     def __init__(self, name: str, cmd: list[str], env: dict, log_dir: Path, quiet: bool):
         self.name = name
         self.log_path = log_dir / f"{name}.log"
+        self.log_where = str(self.log_path) if quiet else "its output above"
         out = open(self.log_path, "ab") if quiet else None
         self.process = subprocess.Popen(
             cmd,
@@ -166,9 +167,9 @@ def wait_ready(base: str, token: str, services: list[Service], timeout: float = 
             pass
         for service in services:
             if service.process.poll() is not None:
-                raise SystemExit(f"{service.name} exited; see {service.log_path}")
+                raise SystemExit(f"{service.name} exited; see {service.log_where}")
         if time.monotonic() > deadline:
-            raise SystemExit(f"the API did not become ready; see {services[-1].log_path}")
+            raise SystemExit(f"the API did not become ready; see {services[-1].log_where}")
         time.sleep(0.3)
 
 
@@ -198,7 +199,9 @@ def start_stack(stack: ExitStack, port: int, quiet: bool) -> tuple[str, Settings
     wait_ready(base, token, [worker, api])
     print(f"api        {base}  (docs: {base}/api/v1/docs, OpenAPI: {base}/api/v1/openapi.json)")
     print(f"web page   {base}/  (submit images, follow jobs, explore heatmaps in the deep-zoom viewer)")
-    print(f"worker     celery, logs in {log_dir}")
+    # `make demo` (quiet) writes the worker's and the API's output to log files; `make serve`
+    # leaves it on this terminal, so the banner must not name a folder it does not use.
+    print(f"worker     celery, logs in {log_dir}" if quiet else "worker     celery; its and the API's log follow here")
     return base, settings
 
 

@@ -186,6 +186,7 @@ def train(out: Path, epochs: int, samples: int, seed: int, heldout: int, batch_s
         "classes": list(SHAPE_CLASSES),
         "preprocess": PREPROCESS,
         "input_size": list(INPUT_SIZE),
+        "background_classes": ["background"],  # "no object here": skipped by default top-k
         "description": (
             "Bundled demo/test model: a small VGG-like CNN (output stride 16, Flatten+Dense "
             "head) that says whether a 64x64 window has a circle, square, triangle or cross "

@@ -6,7 +6,18 @@ user model, ``<name>.keras`` (or ``.h5``) beside it. The sidecar holds::
 
     {"classes": ["cat", "dog"], "preprocess": "none|tf|caffe|torch",
      "input_size": [h, w]   # optional for .keras files: read from the file's config
+     "background_classes": ["background"]   # optional: classes that mean "nothing here"
      "description": "..."}  # optional
+
+Background classes are what a model says where none of its objects are: a job's default
+top-k skips them, regions.geojson leaves them out and the viewer opens on another class,
+unless the job names them in ``classes`` (issue 19: the bundled model's first view was a
+yellow wash of ``background``).
+
+A model file without a sidecar, or a sidecar that disagrees with its ``.keras`` file (class
+count against the head's units, input size against the input layer) is not offered: it is
+listed under ``problems`` with the reason, and a job naming it is refused at submission
+(``model_unavailable``) instead of failing in the worker.
 
 Built-in entries (``models/`` in the repository) may instead name a ``kind`` that the
 worker knows how to build (``keras_applications_vgg16``).
@@ -63,17 +74,29 @@ class ModelInfo:
     input_size: tuple[int, int]
     output_stride: int | None
     description: str
+    background_classes: tuple[str, ...] = ()
 
     def public(self) -> dict:
         return {
             "name": self.name,
             "classes": list(self.classes),
             "num_classes": len(self.classes),
+            "background_classes": list(self.background_classes),
             "input_size": {"height": self.input_size[0], "width": self.input_size[1]},
             "output_stride": self.output_stride,
             "preprocess": self.preprocess,
             "description": self.description,
         }
+
+    def background_indices(self) -> tuple[int, ...]:
+        """Output indices of the background classes (skipped by default top-k)."""
+        return tuple(self.classes.index(name) for name in self.background_classes)
+
+    def classes_hint(self, shown: int = 20) -> str:
+        """The model's classes for an error message (the first `shown` of a long list)."""
+        names = ", ".join(self.classes[:shown])
+        more = f" and {len(self.classes) - shown} more (GET /api/v1/models)" if len(self.classes) > shown else ""
+        return f"its classes: {names}{more}"
 
     def class_indices(self, wanted: Sequence[str | int]) -> list[int]:
         """Model output indices for class names or indices; raises CatalogError("unknown_class")."""
@@ -90,7 +113,9 @@ class ModelInfo:
             else:
                 name = str(item).strip()
                 if name not in index:
-                    raise CatalogError("unknown_class", f"model {self.name!r} has no class {name!r}")
+                    raise CatalogError(
+                        "unknown_class", f"model {self.name!r} has no class {name[:60]!r}; {self.classes_hint()}"
+                    )
                 value = index[name]
             if value not in seen:
                 seen.add(value)
@@ -100,13 +125,18 @@ class ModelInfo:
         return out
 
 
-def _input_size_from_keras_file(path: Path) -> tuple[int, int] | None:
-    """The first input layer's (h, w) from a .keras archive's config.json, without Keras."""
+def _keras_config(path: Path) -> dict | None:
+    """A .keras archive's config.json (None when the file is not a readable archive)."""
     try:
         with zipfile.ZipFile(path) as archive:
             config = json.loads(archive.read("config.json"))
     except (OSError, KeyError, zipfile.BadZipFile, ValueError):
         return None
+    return config if isinstance(config, dict) else None
+
+
+def _input_size_from_config(config: dict) -> tuple[int, int] | None:
+    """The first input layer's (h, w) from a .keras config, without Keras."""
     stack = [config]
     while stack:
         node = stack.pop(0)
@@ -118,6 +148,54 @@ def _input_size_from_keras_file(path: Path) -> tuple[int, int] | None:
         elif isinstance(node, list):
             stack.extend(node)
     return None
+
+
+def _output_units_from_config(config: dict) -> int | None:
+    """How many scores the model's head gives (the output Dense layer's units), or None when
+    the config does not say plainly (another head; the worker checks those when it loads)."""
+    body = config.get("config") if isinstance(config.get("config"), dict) else {}
+    layers = body.get("layers")
+    if not isinstance(layers, list) or not layers:
+        return None
+    last = layers[-1]
+    outputs = body.get("output_layers")
+    if isinstance(outputs, list) and len(outputs) == 1 and isinstance(outputs[0], list) and outputs[0]:
+        named = [layer for layer in layers if isinstance(layer, dict) and layer.get("name") == outputs[0][0]]
+        last = named[0] if named else None
+    if not isinstance(last, dict) or last.get("class_name") != "Dense":
+        return None
+    units = (last.get("config") or {}).get("units")
+    return units if isinstance(units, int) else None
+
+
+def _check_against_file(sidecar: Path, classes: list, size, config: dict | None) -> None:
+    """Refuse a sidecar that disagrees with its .keras file (issue 19: a 5-class sidecar on
+    a 3-output model was listed as available and failed in the worker)."""
+    if config is None:
+        return
+    units = _output_units_from_config(config)
+    if units is not None and units != len(classes):
+        raise CatalogError(
+            "invalid_model",
+            f"{sidecar.name}: lists {len(classes)} classes but the model's head has {units} outputs; "
+            f"give one class name per output",
+        )
+    actual = _input_size_from_config(config)
+    if size is not None and actual is not None and tuple(size) != actual:
+        raise CatalogError(
+            "invalid_model",
+            f"{sidecar.name}: input_size {list(size)} differs from the model's input {list(actual)}; "
+            "drop input_size (it is read from the .keras file) or correct it",
+        )
+
+
+def _background_classes(sidecar: Path, meta: dict, classes: list) -> tuple[str, ...]:
+    names = meta.get("background_classes", [])
+    if not isinstance(names, list) or not all(isinstance(name, str) and name in classes for name in names):
+        raise CatalogError("invalid_model", f"{sidecar.name}: 'background_classes' must list names from 'classes'")
+    if len(set(names)) >= len(classes):
+        raise CatalogError("invalid_model", f"{sidecar.name}: 'background_classes' must leave at least one class")
+    return tuple(dict.fromkeys(names))
 
 
 def load_sidecar(sidecar: Path) -> ModelInfo:
@@ -147,8 +225,10 @@ def load_sidecar(sidecar: Path) -> ModelInfo:
     elif kind not in BUILTIN_KINDS:
         raise CatalogError("invalid_model", f"{sidecar.name}: unknown kind {kind!r}")
     size = meta.get("input_size")
-    if size is None and path is not None and path.suffix == ".keras":
-        size = _input_size_from_keras_file(path)
+    config = _keras_config(path) if path is not None and path.suffix == ".keras" else None
+    _check_against_file(sidecar, classes, size, config)
+    if size is None and config is not None:
+        size = _input_size_from_config(config)
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
         raise CatalogError("invalid_model", f"{sidecar.name}: 'input_size' [h, w] is required for this model")
     return ModelInfo(
@@ -160,6 +240,7 @@ def load_sidecar(sidecar: Path) -> ModelInfo:
         input_size=(int(size[0]), int(size[1])),
         output_stride=meta.get("output_stride"),
         description=str(meta.get("description", "")),
+        background_classes=_background_classes(sidecar, meta, classes),
     )
 
 
@@ -271,12 +352,34 @@ class ModelCatalog:
                 except CatalogError as exc:
                     self.problems[sidecar.name] = exc.message
                     _report_once(sidecar, exc.message)
+            self._find_orphans(folder)
+
+    def _find_orphans(self, folder: Path) -> None:
+        """Model files without a sidecar: listed as problems (they used to be silently absent)."""
+        for path in sorted([*folder.glob("*.keras"), *folder.glob("*.h5")]):
+            if path.stem in self.models or path.with_suffix(".json").exists():
+                continue
+            message = (
+                f"{path.name}: no sidecar {path.stem}.json beside it; write one naming its classes "
+                '(one per output) and preprocessing, e.g. {"classes": ["a", "b"], "preprocess": "tf"}'
+            )
+            self.problems.setdefault(path.name, message)
+            _report_once(path, message)
 
     def names(self) -> list[str]:
         return sorted(self.models)
 
+    def problem_of(self, name: str) -> str | None:
+        """Why a model file or sidecar called `name` was not taken into the catalogue."""
+        return next(
+            (self.problems[f] for f in (f"{name}.json", f"{name}.keras", f"{name}.h5") if f in self.problems), None
+        )
+
     def get(self, name: str) -> ModelInfo:
         info = self.models.get(name)
+        problem = self.problem_of(name) if info is None and isinstance(name, str) else None
+        if problem is not None:
+            raise CatalogError("model_unavailable", f"model {name!r} cannot be used: {problem}")
         if info is None:
             raise CatalogError("unknown_model", f"unknown model {name!r}; available: {', '.join(self.names())}")
         return info

@@ -22,7 +22,11 @@ SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs", "http", "https")
 def check_input_url(url: str, prefixes: list[str]) -> str:
     """The normalised URL when it is allowed; InputError (400/403) otherwise."""
     if not prefixes:
-        raise InputError("image_url_disabled", "image_url is not enabled on this service; upload the image instead")
+        raise InputError(
+            "image_url_disabled",
+            "image_url is off on this service: upload the image instead, or have its operator set "
+            "INPUT_URL_PREFIXES to the locations it may read (e.g. file:///data/slides,s3://bucket/slides)",
+        )
     text = (url or "").strip()
     if not text or len(text) > MAX_URL_LENGTH:
         raise InputError("invalid_image_url", f"image_url must be a URL of at most {MAX_URL_LENGTH} characters")
@@ -38,4 +42,8 @@ def check_input_url(url: str, prefixes: list[str]) -> str:
         base = prefix.rstrip("/")
         if normal == base or normal.startswith(base + "/"):
             return normal
-    raise InputError("url_not_allowed", "image_url is outside the locations this service may read")
+    raise InputError(
+        "url_not_allowed",
+        "image_url is outside the locations this service may read (its INPUT_URL_PREFIXES); "
+        "ask its operator to add the location, or upload the image",
+    )

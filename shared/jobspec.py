@@ -245,7 +245,7 @@ def validate_params(
         top_k = None
     else:
         top_k = DEFAULT_TOP_K if top_k in (None, "") else _integer("top_k", top_k, 1, max_top_k)
-        top_k = min(top_k, len(info.classes))
+        top_k = min(top_k, len(info.classes) - len(info.background_classes))  # top-k skips background
     weighting = raw.get("weighting") or DEFAULT_WEIGHTING
     if weighting not in WEIGHTINGS:
         raise ParameterError("invalid_parameter", f"weighting must be one of {', '.join(WEIGHTINGS)}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -33,19 +33,23 @@ from worker.inference.model_registry import LoadedModel, ModelRegistry
 from worker.inference.tiled import tiled_inference
 from worker.inference.tissue_mask import overview
 from worker.outputs.artifacts import write_heatmap, write_overlays, write_summary
+from worker.outputs.blend import colour_scales
 from worker.outputs.deepzoom import write_viewer
 from worker.outputs.raster_output import write_raster
 from worker.outputs.regions_output import write_regions
 
 
-def select_classes(grid: ScoreGrid, params: JobParams) -> ScoreGrid:
+def select_classes(grid: ScoreGrid, params: JobParams, background: Sequence[int] = ()) -> ScoreGrid:
     """Explicit classes as given; otherwise the top-k classes by their maximum score
-    (over computed windows; masked windows are NaN)."""
+    (over computed windows; masked windows are NaN), never a `background` class (the
+    model's "nothing here": it would win on every image and hide the objects)."""
     if params.class_indices is not None:
         return grid.select(params.class_indices)
     flat = grid.scores.reshape(-1, grid.scores.shape[2])
     best = np.full(flat.shape[1], -np.inf) if not np.isfinite(flat).any() else np.nanmax(flat, axis=0)
-    order = np.argsort(-np.nan_to_num(best, nan=-np.inf), kind="stable")[: params.top_k]
+    candidates = ~np.isin(grid.class_indices, np.asarray(background, dtype=np.int64))
+    order = np.argsort(-np.nan_to_num(best, nan=-np.inf), kind="stable")
+    order = order[candidates[order]][: params.top_k]
     return grid.select(grid.class_indices[order])
 
 
@@ -170,24 +174,28 @@ def _write_outputs(
     info = source.info
     picture = raster.pixels if isinstance(raster, ArrayRaster) else overview(source, params.overlay_max_side)
     names = [loaded.info.classes[int(i)] for i in grid.class_indices]
+    shown = grid.without_nan()
+    scales = colour_scales(shown, (info.height, info.width), params.weighting)  # one per class: PNG = viewer
     if viewer:
         write_viewer(
             out_dir / VIEWER_DIR,
             lambda x, y, w, h: source.read_region(0, x, y, w, h),
             (info.width, info.height),
-            grid.without_nan(),
+            shown,
             names,
             params.weighting,
+            scales,
         )
     write_heatmap(out_dir, grid, names, params.mode, loaded.name)
     overlays = write_overlays(
         out_dir,
-        grid.without_nan(),
+        shown,
         picture,
         names,
         max_side=params.overlay_max_side,
         weighting=params.weighting,
         image_size=(info.height, info.width),
+        scales=scales,
     )
     return {
         "overlay_size": {"width": overlays.size[1], "height": overlays.size[0]},
@@ -209,7 +217,9 @@ def _compute(source: ImageSource, params: JobParams, loaded: LoadedModel, mask_i
     check_grid_memory(raster, params, loaded)
     timings["decode_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    grid = select_classes(compute_grid(raster, params, loaded, progress, keep), params).in_level0(raster.scale)
+    background = loaded.info.background_indices()
+    grid = compute_grid(raster, params, loaded, progress, keep)
+    grid = select_classes(grid, params, background).in_level0(raster.scale)
     timings["inference_s"] = time.perf_counter() - clock
     return grid, raster, mask, mask_mode
 

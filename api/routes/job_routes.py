@@ -245,7 +245,9 @@ class JobCancel(MethodView):
         with _db() as session:
             job = _load_job(session, job_id)
             if not job_store.cancel(session, job.id):
-                raise ApiError(409, "job_finished", f"the job is already {job.status}; nothing to cancel")
+                raise ApiError(
+                    409, "job_finished", f"the job has already ended ({job.status}); there is nothing to cancel"
+                )
             session.commit()
             session.refresh(job)
             return represent(job), 202

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from flask import Blueprint, current_app, render_template
 
-from shared.jobs.job_status import ACTIVE, JobStatus
-from shared.jobspec import FORM_FIELDS
+from shared.jobs.job_status import ACTIVE, RETRYABLE, JobStatus
+from shared.jobspec import FORM_FIELDS, MASKS
 
 #: The web UI's files sit beside the routes package, in api/templates and api/static.
 API_DIR = Path(__file__).resolve().parent.parent
@@ -30,9 +30,27 @@ CONTENT_SECURITY_POLICY = (
 )
 
 
+#: Where the form shows each field (issue 19: one flat list of every API field was hard to
+#: read): "tiled" fields only in tiled mode, "advanced" ones in a folded section, the rest
+#: (and any new field) in the main part. The fields themselves come from shared.jobspec.
+FIELD_PLACES = {
+    "batch_size": "tiled",
+    "level": "advanced",
+    "mpp": "advanced",
+    "mask": "advanced",
+    "image_url": "advanced",
+    "callback_url": "advanced",
+    "precision": "advanced",
+    "threshold": "advanced",
+}
+#: Fields whose choices the form offers although the API takes free text.
+FORM_CHOICES = {"mask": MASKS}
+
+
 def page_config() -> dict:
     """What the page needs before its first API call: whether a key is needed, the form's
-    fields with their limits (from the one list in shared.jobspec and the settings)."""
+    fields with their limits (from the one list in shared.jobspec and the settings) and
+    where each is shown."""
     settings = current_app.config["HEATMAP_SETTINGS"]
     maxima = {"batch_size": settings.max_batch_size, "top_k": settings.max_top_k}
     fields = [
@@ -40,10 +58,11 @@ def page_config() -> dict:
             "name": field.name,
             "type": field.type,
             "description": field.description,
-            "choices": list(field.choices) if field.choices else None,
+            "choices": list(field.choices or FORM_CHOICES.get(field.name) or ()) or None,
             "default": field.default,
             "minimum": field.minimum,
             "maximum": maxima.get(field.name),
+            "place": FIELD_PLACES.get(field.name, "main"),
         }
         for field in FORM_FIELDS
     ]
@@ -55,6 +74,8 @@ def page_config() -> dict:
         "statuses": [status.value for status in JobStatus],
         "active_statuses": sorted(status.value for status in ACTIVE),
         "status_succeeded": JobStatus.succeeded.value,
+        "status_canceled": JobStatus.canceled.value,
+        "retryable_statuses": sorted(status.value for status in RETRYABLE),
     }
 
 

@@ -55,7 +55,9 @@
     const data = type.includes("json") ? await response.json() : null;
     if (!response.ok) {
       const error = (data && data.error) || { code: "http_" + response.status, message: response.statusText };
-      if (response.status === 401 || response.status === 403) askForKey(error.message);
+      // A key problem (401, or 403 "forbidden"); other 403s (image_url_disabled, url_not_allowed)
+      // are about the input and must not ask for the key again.
+      if (response.status === 401 || (response.status === 403 && error.code === "forbidden")) askForKey(error.message);
       throw new ApiError(response.status, error.code, error.message);
     }
     return data;
@@ -132,6 +134,27 @@
   }
 
   // --- submit page ---------------------------------------------------------------------
+  // Which field an error is about (the message stays in the general box too): by its code,
+  // else by the first field name the message mentions.
+  const ERROR_FIELDS = {
+    unknown_class: "classes",
+    unknown_model: "model",
+    model_unavailable: "model",
+    missing_image: "image",
+    multiple_images: "image",
+    unsupported_format: "image",
+    multi_frame: "image",
+    too_many_pixels: "image",
+    image_too_small: "image",
+    payload_too_large: "image",
+    image_url_disabled: "image_url",
+    url_not_allowed: "image_url",
+    invalid_image_url: "image_url",
+    url_unreadable: "image_url",
+    invalid_callback_url: "callback_url",
+  };
+  let currentModel = null;
+
   function limitsText(field, maximum) {
     const parts = [];
     if (field.minimum !== null && maximum) parts.push(field.minimum + " to " + maximum);
@@ -143,6 +166,7 @@
   function fieldInput(field) {
     if (field.choices) {
       const select = el("select", { id: field.name, name: field.name });
+      if (!field.default) select.append(el("option", { value: "", textContent: "(service default)" }));
       for (const choice of field.choices) select.append(el("option", { value: choice, textContent: choice }));
       if (field.default) select.value = field.default;
       return select;
@@ -154,47 +178,102 @@
     return input;
   }
 
-  function buildOtherFields(models) {
+  function fieldRow(field) {
+    const row = el("div", { className: "field", id: "field-" + field.name });
+    if (field.place === "tiled") row.dataset.mode = "tiled"; // shown in tiled mode only
+    row.append(el("label", { htmlFor: field.name, textContent: field.name.replace("_", " ") }), fieldInput(field));
+    row.append(el("small", { className: "description", textContent: field.description }));
+    row.append(el("small", { id: field.name + "-limits", textContent: limitsText(field, field.maximum) }));
+    row.append(el("p", { id: field.name + "-error", className: "error field-error", role: "alert", hidden: true }));
+    return row;
+  }
+
+  function maskFileRow() {
+    const row = el("div", { className: "field", id: "field-mask_image", hidden: true });
+    row.append(
+      el("label", { htmlFor: "mask_image", textContent: "mask image" }),
+      el("input", { id: "mask_image", name: "mask_image", type: "file", accept: "image/*,.tif,.tiff" }),
+      el("small", { textContent: "a picture of the image's extent, any size: light (grey > 127) = analyse, black = skip" }),
+      el("p", { id: "mask_image-error", className: "error field-error", role: "alert", hidden: true }),
+    );
+    return row;
+  }
+
+  function buildOtherFields() {
     const skip = new Set(["model", "top_k", "classes"]);
-    const box = $("other-fields");
     for (const field of config.fields) {
       if (skip.has(field.name)) continue;
-      const hint = el("small", { id: field.name + "-limits", textContent: limitsText(field, field.maximum) });
-      const row = el("div", { className: "field", id: "field-" + field.name });
-      row.append(el("label", { htmlFor: field.name, textContent: field.name.replace("_", " ") }), fieldInput(field));
-      row.append(el("small", { className: "description", textContent: field.description }), hint);
-      box.append(row);
+      $(field.place === "advanced" ? "advanced-fields" : "other-fields").append(fieldRow(field));
+    }
+    if ($("field-mask")) {
+      $("field-mask").after(maskFileRow());
+      const syncMask = () => ($("field-mask_image").hidden = $("mask").value !== "image");
+      $("mask").addEventListener("change", syncMask);
+      syncMask();
     }
     const topK = config.fields.find((f) => f.name === "top_k");
     $("top_k").min = topK.minimum;
     $("top_k").max = topK.maximum;
     $("top_k").value = topK.default;
     $("top_k-limits").textContent = limitsText(topK, topK.maximum);
-    if ($("mode") && $("field-stride")) {
-      const sync = () => ($("field-stride").hidden = $("mode").value !== "tiled");
+    if ($("mode")) {
+      const sync = () => {
+        for (const row of document.querySelectorAll("#submit-form [data-mode]")) row.hidden = row.dataset.mode !== $("mode").value;
+        if (currentModel) showModel(currentModel);
+      };
       $("mode").addEventListener("change", sync);
       sync();
     }
+    if ($("mpp")) $("mpp").addEventListener("input", () => currentModel && showModel(currentModel));
+  }
+
+  // The model's facts for the form: stride, window (in microns when an mpp is given).
+  function modelFacts(model) {
+    const { width, height } = model.input_size;
+    const parts = [model.num_classes + " classes", "window " + width + "x" + height + " px"];
+    parts.push(model.output_stride ? "output stride " + model.output_stride + " px" : "output stride: from the network's layers (its sidecar does not state it)");
+    const mpp = $("mpp") ? Number($("mpp").value) : 0;
+    if (mpp > 0) parts.push("at " + mpp + " µm/px the window covers " + fmt(width * mpp, 1) + " x " + fmt(height * mpp, 1) + " µm");
+    else parts.push("on a slide, the window covers window x the level's µm/px (give mpp to see it here)");
+    const background = model.background_classes || [];
+    if (background.length) parts.push("background (skipped by top-k and the first view): " + background.join(", "));
+    return parts.join(", ") + (model.description ? ". " + model.description : "");
+  }
+
+  function topKBound(model) {
+    const configured = Number(config.fields.find((f) => f.name === "top_k").maximum);
+    return Math.max(1, Math.min(configured, model.num_classes - (model.background_classes || []).length));
   }
 
   function showModel(model) {
-    const size = model.input_size.width + "x" + model.input_size.height;
-    $("model-info").textContent =
-      model.num_classes + " classes, window " + size + " px, output stride " + model.output_stride + " px" +
-      (model.description ? " - " + model.description : "");
+    currentModel = model;
+    $("model-info").textContent = modelFacts(model);
+    if (model.available) hide($("model-unavailable"));
+    else show($("model-unavailable"), "Unavailable here: " + model.reason);
+    $("submit-button").disabled = !model.available;
     const choices = $("class-choices");
-    choices.replaceChildren();
-    model.classes.forEach((name, index) => {
-      const box = el("input", { type: "checkbox", name: "class", value: name });
-      box.addEventListener("change", () => (document.querySelector("input[value=classes]").checked = true));
-      choices.append(el("label", { className: "choice" }, box, " " + name + " (" + index + ")"));
-    });
+    if (choices.dataset.model !== model.name) {
+      choices.dataset.model = model.name;
+      choices.replaceChildren();
+      model.classes.forEach((name, index) => {
+        const box = el("input", { type: "checkbox", name: "class", value: name });
+        box.addEventListener("change", () => (document.querySelector("input[value=classes]").checked = true));
+        choices.append(el("label", { className: "choice" }, box, " " + name + " (" + index + ")"));
+      });
+    }
     const window = Math.min(model.input_size.width, model.input_size.height);
     if ($("stride")) {
-      $("stride").max = window;
-      $("stride-limits").textContent = "1 to " + window + " (the window), default " + Math.floor(window / 2);
+      const tiled = !$("mode") || $("mode").value === "tiled";
+      $("stride").max = tiled ? window : "";
+      $("stride-limits").textContent = tiled ? "1 to " + window + " (the window), default " + Math.floor(window / 2) : "";
     }
-    $("top_k").max = Math.min(Number(config.fields.find((f) => f.name === "top_k").maximum), model.num_classes);
+    const bound = topKBound(model);
+    const topK = config.fields.find((f) => f.name === "top_k");
+    $("top_k").max = bound;
+    if (Number($("top_k").value) > bound) $("top_k").value = bound;
+    $("top_k-limits").textContent =
+      "1 to " + bound + ", default " + Math.min(topK.default, bound) +
+      ((model.background_classes || []).length ? " (background classes are not counted)" : "");
   }
 
   function formData() {
@@ -213,17 +292,39 @@
       if (["model", "top_k", "classes"].includes(field.name) || !input || input.closest("[hidden]")) continue;
       if (input.value !== "") data.append(field.name, input.value);
     }
+    const mask = $("mask_image");
+    if (mask && !mask.closest("[hidden]") && mask.files[0]) data.append("mask_image", mask.files[0]);
     return data;
+  }
+
+  function errorField(error) {
+    if (ERROR_FIELDS[error.code]) return ERROR_FIELDS[error.code];
+    const names = config.fields.map((f) => f.name).sort((a, b) => b.length - a.length);
+    return names.find((name) => new RegExp("\\b" + name + "\\b").test(error.message || "")) || null;
+  }
+
+  function showSubmitError(error) {
+    for (const node of document.querySelectorAll(".field-error")) hide(node);
+    const text = error.code + ": " + error.message;
+    show($("submit-error"), text);
+    const name = errorField(error);
+    const box = name && $(name + "-error");
+    if (!box) return;
+    if (box.closest("#advanced")) $("advanced").open = true;
+    show(box, text);
   }
 
   async function submitPage() {
     $("max-upload").textContent = config.max_upload_mb;
     const catalogue = await api("/api/v1/models");
     const models = catalogue.models;
-    for (const model of models) $("model").append(el("option", { value: model.name, textContent: model.name }));
+    for (const model of models) {
+      const label = model.available ? model.name : model.name + " (unavailable)";
+      $("model").append(el("option", { value: model.name, textContent: label, title: model.reason || "" }));
+    }
     if (models.some((m) => m.name === config.default_model)) $("model").value = config.default_model;
-    buildOtherFields(models);
     const current = () => models.find((m) => m.name === $("model").value);
+    buildOtherFields();
     $("model").addEventListener("change", () => showModel(current()));
     showModel(current());
     show($("submit-form"));
@@ -235,7 +336,7 @@
         const job = await api("/api/v1/jobs", { method: "POST", body: formData() });
         location.assign("/jobs/" + job.id);
       } catch (error) {
-        show($("submit-error"), error.code + ": " + error.message);
+        showSubmitError(error);
         $("submit-button").disabled = false;
       }
     });
@@ -312,14 +413,43 @@
     const active = config.active_statuses.includes(job.status);
     $("cancel-job").hidden = !active;
     $("delete-job").hidden = active;
+    $("retry-job").hidden = !config.retryable_statuses.includes(job.status);
     $("job-meta").textContent =
       "model " + job.model + ", mode " + job.mode + ", image " + job.image.width + "x" + job.image.height +
       ", created " + job.created_at + (job.attempts ? ", attempts " + job.attempts : "") +
       (job.worker ? ", worker " + job.worker : "");
-    if (job.error) show($("job-error"), job.error.code + ": " + job.error.message);
+    if (job.error) {
+      // A canceled job is something the user did, not a fault: shown as a neutral notice.
+      $("job-error").className = job.status === config.status_canceled ? "notice" : "error";
+      show($("job-error"), job.error.code + ": " + job.error.message);
+    }
+  }
+
+  // How much of the slide one model window covers, from summary.json (level-0 pixels and,
+  // where the source states it, microns): on a slide at level 0 a 64-px window is ~16 µm.
+  function showScale(summary) {
+    const window = summary.grid.window;
+    const source = summary.source || {};
+    const level = source.analysis ? source.analysis.level : 0;
+    let text = "each model window covers " + window.width + "x" + window.height + " level-0 px (analysed at level " + level + ")";
+    if (source.mpp) {
+      text += " = " + fmt(window.width * source.mpp.x, 1) + " x " + fmt(window.height * source.mpp.y, 1) + " µm";
+      text += " (source " + fmt(source.mpp.x, 3) + " µm/px); a coarser level or mpp covers more tissue per window";
+    } else {
+      text += "; the source states no microns per pixel";
+    }
+    show($("job-scale"), text);
   }
 
   function jobButtons(jobId) {
+    $("retry-job").addEventListener("click", async () => {
+      try {
+        const retry = await api("/api/v1/jobs/" + jobId + "/retry", { method: "POST" });
+        location.assign("/jobs/" + retry.id);
+      } catch (error) {
+        pageError(error);
+      }
+    });
     $("cancel-job").addEventListener("click", () => api("/api/v1/jobs/" + jobId, { method: "DELETE" }).catch(pageError));
     $("delete-job").addEventListener("click", async () => {
       if (!confirm("Delete this job and its files?")) return;
@@ -367,8 +497,31 @@
     return grid.scores[channel][i][j];
   }
 
+  // The first class shown: the strongest that is not a background class of the model.
+  async function firstChannel(job, manifest) {
+    let background = [];
+    try {
+      const model = (await api("/api/v1/models")).models.find((m) => m.name === job.model);
+      background = (model && model.background_classes) || [];
+    } catch (error) {
+      background = []; // the model list is a hint here; the viewer works without it
+    }
+    let best = 0;
+    let bestScore = -Infinity;
+    manifest.classes.forEach((cls, channel) => {
+      const score = background.includes(cls.name) ? -Infinity : Number(cls.max);
+      if (score > bestScore) {
+        best = channel;
+        bestScore = score;
+      }
+    });
+    return best;
+  }
+
   async function showResult(job) {
     const manifest = await api("/api/v1/jobs/" + job.id + "/viewer");
+    api(job.result.summary_url).then(showScale).catch(() => hide($("job-scale")));
+    const first = await firstChannel(job, manifest);
     show($("result"));
     const viewer = OpenSeadragon({
       element: $("viewer"),
@@ -381,7 +534,7 @@
       maxZoomPixelRatio: 4,
       crossOriginPolicy: false,
     });
-    const state = { viewer, manifest, layers: [], channel: 0, markers: [] };
+    const state = { viewer, manifest, layers: [], channel: first, markers: [] };
     window.heatmapViewer = state; // for the browser tests and the console
     viewer.addOnceHandler("open", () => addHeatLayers(state, job));
     buildClassTable(job, manifest);
@@ -422,6 +575,13 @@
     const opacity = Number($("opacity").value) / 100;
     state.layers.forEach((layer, k) => layer && layer.setOpacity(k === channel ? opacity : 0));
     $("class-select").value = String(channel);
+    if (cls.near_chance) {
+      show(
+        $("chance-note"),
+        cls.name + " is near chance: its scores vary by less than a tenth of the score scale (" + fmt(cls.low) +
+          " to " + fmt(cls.max) + "), so the map is drawn dim. An untrained or unsure model looks like this.",
+      );
+    } else hide($("chance-note"));
     $("bar-low").textContent = fmt(cls.low);
     $("bar-high").textContent = fmt(cls.high);
     $("colourbar").title =
@@ -474,7 +634,13 @@
 
   function buildDownloads(job, manifest) {
     const base = "/api/v1/jobs/" + job.id;
+    const maps = [
+      ["raster_url", "heatmap.tif", "heatmap.tif (pyramidal (Geo)TIFF of the scores: QuPath, QGIS)"],
+      ["regions_url", "regions.geojson", "regions.geojson (regions above the threshold: QuPath)"],
+      ["regions_map_url", "regions_map.geojson", "regions_map.geojson (the regions in map coordinates: QGIS)"],
+    ].filter(([key]) => job.result[key]);
     const items = [
+      ...maps.map(([key, name, label]) => downloadLink(job.result[key], name, label)),
       downloadLink(job.result.heatmap_url, "heatmap.npz", "heatmap.npz (score grid)"),
       downloadLink(job.result.summary_url, "summary.json", "summary.json"),
       downloadLink(base + "/viewer", "viewer.json", "viewer.json (viewer manifest and grid)"),

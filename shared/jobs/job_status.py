@@ -23,3 +23,5 @@ class JobStatus(enum.StrEnum):
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
 #: Counted by the per-key active-jobs quota.
 ACTIVE = frozenset({JobStatus.queued, JobStatus.running})
+#: Jobs that POST /jobs/<id>/retry (and the page's Retry button) take again.
+RETRYABLE = (JobStatus.failed, JobStatus.canceled)

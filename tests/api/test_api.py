@@ -299,3 +299,20 @@ def test_database_down_is_503_never_500(tmp_path, redis_server):
         assert response.json["error"]["code"] in ("database_unavailable", "not_ready")
     assert _storage_files(stack.app) == []  # the refused upload was not kept
     stack.close()
+
+
+# --- messages that say what to do (issue 19) -------------------------------------------------
+def test_messages_tell_the_user_what_to_do(client):
+    """image_url switched off names INPUT_URL_PREFIXES; an unknown class lists the model's
+    classes; canceling an ended job says it ended (not "the job is already canceled")."""
+    off = _post(client, data={"image_url": "file:///data/slide.svs", "model": "shapes"})
+    assert off.status_code == 403 and off.json["error"]["code"] == "image_url_disabled"
+    assert "INPUT_URL_PREFIXES" in off.json["error"]["message"]
+    unknown = _post(client, [("image", (io.BytesIO(GOOD), "a.png"))], {"model": "shapes", "classes": "crosses"})
+    assert unknown.status_code == 400 and unknown.json["error"]["code"] == "unknown_class"
+    assert "background, circle, square, triangle, cross" in unknown.json["error"]["message"]
+    job = _post(client, [("image", (io.BytesIO(GOOD), "a.png"))], {"model": "shapes"}).json
+    assert client.post(f"/api/v1/jobs/{job['id']}/cancel").status_code == 202
+    again = client.post(f"/api/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 409 and again.json["error"]["code"] == "job_finished"
+    assert again.json["error"]["message"] == "the job has already ended (canceled); there is nothing to cancel"

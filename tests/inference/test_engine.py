@@ -354,3 +354,57 @@ def test_none_and_unknown_preprocess(batch_uint8):
     np.testing.assert_array_equal(get_preprocess("none")(batch_uint8), batch_uint8.astype(np.float32))
     with pytest.raises(ValueError, match="caffe"):
         get_preprocess("bgr")
+
+
+# --------------------------------------------------------------------------- background classes (issue 19)
+
+
+def test_default_top_k_skips_background_classes(registry, info, image_path, tmp_path):
+    """A class the sidecar names as background never enters the default top-k (it would win
+    on every image: the bundled model's first view was a wash of `background`), and the top-k
+    bound leaves it out; naming it in `classes` still gives it, regions included."""
+    _, everything = run(registry, info, image_path, tmp_path / "all", mode="tiled", stride=8, classes="0,1,2,3")
+    best = load_npz(tmp_path / "all")["scores"].reshape(-1, 4).max(axis=0)
+    order = [int(i) for i in np.argsort(-best)]
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "fruit.keras").write_bytes((Path(info.path)).read_bytes())
+    sidecar = {"classes": CLASSES, "preprocess": "tf", "background_classes": [CLASSES[order[0]]]}
+    (folder / "fruit.json").write_text(json.dumps(sidecar))
+    with_background = ModelRegistry([folder])
+    bg_info = with_background.catalog.get("fruit")
+    assert bg_info.background_indices() == (order[0],)
+    params, summary = run(with_background, bg_info, image_path, tmp_path / "top2", mode="tiled", stride=8, top_k=2)
+    assert [c["index"] for c in summary["classes"]] == order[1:3]
+    assert validate_params({"top_k": 20}, bg_info, max_top_k=20).top_k == len(CLASSES) - 1
+    regions = json.loads((tmp_path / "top2" / "regions.geojson").read_text())
+    names = {f["properties"]["classification"]["name"] for f in regions["features"]}
+    assert CLASSES[order[0]] not in names
+    _, asked = run(
+        with_background, bg_info, image_path, tmp_path / "asked", mode="tiled", stride=8, classes=CLASSES[order[0]],
+        threshold=-1e9,
+    )  # fmt: skip
+    assert [c["index"] for c in asked["classes"]] == [order[0]]
+    regions = json.loads((tmp_path / "asked" / "regions.geojson").read_text())
+    assert {f["properties"]["classification"]["name"] for f in regions["features"]} == {CLASSES[order[0]]}
+
+
+def test_unknown_class_lists_the_classes(info):
+    with pytest.raises(CatalogError) as exc:
+        info.class_indices(["kiwi"])
+    assert "apple, banana, cherry, date" in exc.value.message
+
+
+def test_overlay_png_and_viewer_share_each_class_colour_scale(registry, info, image_path, tmp_path):
+    """Issue 19: the PNG and the viewer coloured the same job on different ranges (0.352-0.418
+    against 0.000-0.418); both now take the class's one colour scale."""
+    params = validate_params({"mode": "tiled", "stride": 8, "top_k": 4}, info)
+    summary = run_inference(image_path, params, registry, tmp_path, max_pixels=MAX_PIXELS, viewer=True)
+    manifest = json.loads((tmp_path / "viewer" / "viewer.json").read_text())
+    png = {c["name"]: c["scale"] for c in summary["classes"]}
+    for entry in manifest["classes"]:
+        assert (entry["low"], entry["high"], entry["near_chance"]) == (
+            png[entry["name"]]["low"],
+            png[entry["name"]]["high"],
+            png[entry["name"]]["near_chance"],
+        )

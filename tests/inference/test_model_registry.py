@@ -179,7 +179,8 @@ def test_sidecar_problems_are_reported_not_raised(tmp_path):
     for name in problems:
         with pytest.raises(CatalogError) as exc:
             catalog.get(name)
-        assert exc.value.code == "unknown_model"
+        assert exc.value.code == "model_unavailable"  # with the reason, not "unknown"
+        assert problems[name] in exc.value.message
 
 
 def test_first_folder_wins(tmp_path):
@@ -192,11 +193,21 @@ def test_first_folder_wins(tmp_path):
 
 
 def test_user_model_output_count_mismatch(tmp_path):
+    """A .keras file: refused by the catalogue (at submission); an .h5 file, whose config the
+    catalogue does not read: refused by the worker when it loads the model."""
     tiny_model(outputs=3).save(tmp_path / "mismatch.keras")
     (tmp_path / "mismatch.json").write_text(json.dumps({"classes": ["a", "b"], "preprocess": "tf"}))
+    tiny_model(outputs=3).save(tmp_path / "legacy.h5")
+    (tmp_path / "legacy.json").write_text(
+        json.dumps({"classes": ["a", "b"], "preprocess": "tf", "input_size": [16, 16]})
+    )
     registry = ModelRegistry([tmp_path])
-    with pytest.raises(ModelUnavailableError) as exc:
+    with pytest.raises(CatalogError) as refused:
         registry.load("mismatch")
+    assert refused.value.code == "model_unavailable"
+    assert "2 classes" in refused.value.message and "3 outputs" in refused.value.message
+    with pytest.raises(ModelUnavailableError) as exc:
+        registry.load("legacy")
     assert "3 outputs" in str(exc.value) and "2 classes" in str(exc.value)
 
 
@@ -230,3 +241,44 @@ def test_model_path_without_sidecar(tmp_path):
     with pytest.raises(CatalogError) as exc:
         ModelRegistry([other]).info(str(tmp_path / "lonely.keras"))
     assert exc.value.code == "invalid_model"
+
+
+# --------------------------------------------------------------------------- issue 19: problems a newcomer hits
+
+
+def test_bundled_model_names_its_background_class():
+    info = ModelCatalog([BUILTIN]).get("shapes")
+    assert info.background_classes == ("background",)
+    assert info.public()["background_classes"] == ["background"]
+
+
+def test_model_file_without_sidecar_is_a_problem(tmp_path):
+    tiny_model().save(tmp_path / "lonely.keras")
+    (tmp_path / "old.h5").write_bytes(b"not read")
+    catalog = ModelCatalog([tmp_path])
+    assert catalog.names() == []
+    assert "no sidecar lonely.json" in catalog.problems["lonely.keras"]
+    assert "no sidecar old.json" in catalog.problems["old.h5"]
+    with pytest.raises(CatalogError) as exc:
+        catalog.get("lonely")
+    assert exc.value.code == "model_unavailable" and "no sidecar" in exc.value.message
+
+
+def test_sidecar_that_disagrees_with_its_model_is_a_problem(tmp_path):
+    """Issue 19: a 5-class sidecar on a 3-output model was listed as available and failed in
+    the worker; the catalogue reads the head's units and the input size from the .keras file."""
+    tiny_model(outputs=3).save(tmp_path / "five.keras")
+    (tmp_path / "five.json").write_text(json.dumps({"classes": list("abcde"), "preprocess": "tf"}))
+    tiny_model(outputs=2, size=16).save(tmp_path / "size.keras")
+    (tmp_path / "size.json").write_text(json.dumps({"classes": ["a", "b"], "preprocess": "tf", "input_size": [32, 32]}))
+    tiny_model(outputs=2).save(tmp_path / "fine.keras")
+    (tmp_path / "fine.json").write_text(json.dumps({"classes": ["a", "b"], "preprocess": "tf", "input_size": [16, 16]}))
+    _write(tmp_path, "badbg", {"classes": ["a"], "preprocess": "tf", "input_size": [8, 8], "background_classes": ["z"]})
+    catalog = ModelCatalog([tmp_path])
+    assert catalog.names() == ["fine"]
+    assert "lists 5 classes but the model's head has 3 outputs" in catalog.problems["five.json"]
+    assert "input_size [32, 32] differs from the model's input [16, 16]" in catalog.problems["size.json"]
+    assert "background_classes" in catalog.problems["badbg.json"]
+    with pytest.raises(CatalogError) as exc:
+        catalog.get("five")
+    assert exc.value.code == "model_unavailable" and "3 outputs" in exc.value.message

@@ -15,7 +15,7 @@ from PIL import Image
 from worker.grid import ScoreGrid
 from worker.inference.tiled import window_origins
 from worker.outputs.artifacts import LEGEND_HEIGHT, colormap, write_overlays
-from worker.outputs.blend import blend, class_heat, class_peaks
+from worker.outputs.blend import CHANCE_FRACTION, DIM_BRIGHTNESS, blend, class_heat, class_peaks
 
 # The overlay contrast margins (test_every_demo_object_lights_up_in_its_class_overlay): inside
 # each object's box the mean heat is at least half of its class's range, and at least
@@ -104,18 +104,39 @@ def test_cells_without_scores_are_left_out():
 
 def test_heat_is_scaled_to_each_class_own_range():
     grid = random_grid(classes=2, seed=6)
-    grid.scores[:, :, 1] = grid.scores[:, :, 1] * 0.01 + 5.0  # a class with a tiny range far from 0..1
+    grid.scores[:, :, 1] = grid.scores[:, :, 1] * 2.0 + 20.0  # scores that are not probabilities
     heat = class_heat(grid, (23, 19), (23, 19), weighting="max")
+    maps = blend(grid, (23, 19), (23, 19), weighting="max")
     for channel in range(2):
         plane = heat.values[:, :, channel]
         assert plane.min() == pytest.approx(0.0) and plane.max() == pytest.approx(1.0)
-    maps = blend(grid, (23, 19), (23, 19), weighting="max")
-    assert heat.low[1] == pytest.approx(float(maps[:, :, 1].min()))
-    assert heat.high[1] == pytest.approx(float(maps[:, :, 1].max()))
+        assert heat.low[channel] == pytest.approx(float(maps[:, :, channel].min()))
+        assert heat.high[channel] == pytest.approx(float(maps[:, :, channel].max()))
+    assert heat.near_chance == (False, False)
     # A given range (e.g. the overlay's, for viewer tiles at another size) is used as is.
     fixed = class_heat(grid, (23, 19), (46, 38), weighting="max", ranges=[(heat.low[0], heat.high[0])] * 2)
     assert fixed.low == (heat.low[0], heat.low[0])
-    assert fixed.values[:, :, 1].min() == 1.0  # class 1's scores (~5) are above class 0's range
+    assert fixed.values[:, :, 1].min() == 1.0  # class 1's scores (~20) are above class 0's range
+
+
+def test_near_chance_maps_are_drawn_dim_and_say_so(tmp_path):
+    """Issue 19: an untrained model's map (0.352..0.418 on a 0..1 score scale) was stretched to
+    full brightness. A class whose scores vary by less than CHANCE_FRACTION of the score scale
+    is drawn from its minimum to at most DIM_BRIGHTNESS of the ramp, flagged `near_chance` in
+    the summary, and the PNG's legend says so; a real map beside it keeps its full range."""
+    grid = random_grid(classes=2, seed=6)
+    grid.scores[:] = np.random.RandomState(7).uniform(size=grid.scores.shape)  # probabilities
+    grid.scores[:, :, 0] = 0.352 + 0.066 * grid.scores[:, :, 0]  # near chance
+    heat = class_heat(grid, (23, 19), (23, 19), weighting="max")
+    assert heat.near_chance == (True, False)
+    assert heat.values[:, :, 0].max() == pytest.approx(DIM_BRIGHTNESS, abs=1e-3)
+    assert heat.values[:, :, 0].min() == pytest.approx(0.0, abs=1e-6)  # its variation stays visible
+    assert heat.values[:, :, 1].max() == pytest.approx(1.0)
+    assert 0.066 < CHANCE_FRACTION  # the map's range is within chance on the 0..1 scale
+    image = np.full((230, 190, 3), 128, np.uint8)
+    overlays = write_overlays(tmp_path, grid, image, ["unsure", "sure"], max_side=230, image_size=(23, 19))
+    assert [c["scale"]["near_chance"] for c in overlays.classes] == [True, False]
+    assert "near_chance" in overlays.legend["note"]
 
 
 def test_peaks_one_per_bump_best_first():
@@ -142,7 +163,7 @@ def test_overlay_png_has_legend_rings_and_summary_numbers(tmp_path):
     image = np.full((320, 320, 3), 128, np.uint8)
     overlays = write_overlays(tmp_path, grid, image, ["thing"], max_side=320, weighting="max")
     entry = overlays.classes[0]
-    assert entry["scale"] == {"low": 0.0, "high": pytest.approx(0.8)}
+    assert entry["scale"] == {"low": 0.0, "high": pytest.approx(0.8), "near_chance": False}
     assert entry["peaks"] == [{"x": 144, "y": 144, "score": pytest.approx(0.8)}]
     assert overlays.legend["legend_height"] == LEGEND_HEIGHT and overlays.legend["weighting"] == "max"
     png = np.asarray(Image.open(tmp_path / overlays.files[0]).convert("RGB")).astype(int)

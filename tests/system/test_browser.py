@@ -69,7 +69,8 @@ def web_stack(tmp_path_factory, redis_server):
     tmp = tmp_path_factory.mktemp("browser")
     stack = Stack(tmp, make_database("sqlite", tmp), redis_server)
     stack.start_worker("web")
-    keyed, stack.base_url = _serve(stack, "gunicorn")
+    # No VGG16 weights for the keyed server: vgg16 is listed unavailable (the form marks it).
+    keyed, stack.base_url = _serve(stack, "gunicorn", KERAS_HOME=tmp / "keras-home")
     open_mode, stack.open_url = _serve(stack, "gunicorn-open", API_KEYS="")
     yield stack
     for api in (keyed, open_mode):
@@ -374,3 +375,111 @@ def test_a_failed_job_shows_its_error(page, web_stack):
     assert page.inner_text("#job-error").startswith("corrupt_image: ")
     assert page.locator("#result").is_hidden() and page.locator("#delete-job").is_visible()
     page.screenshot(path=ARTIFACTS / "failed.png")
+
+
+# --------------------------------------------------------------------------- a newcomer's first hour (issue 19)
+DOCS = REPO_ROOT / "docs"
+
+
+def _form(page) -> None:
+    page.goto("/")
+    _enter_key(page, KEYS["alice"])
+    page.wait_for_selector("#submit-form:not([hidden])")
+
+
+def test_the_form_guides(page, web_stack):
+    """Fields per mode (batch size in tiled mode only, stride in both), an advanced section
+    (mask as a choice with a file input), the model's stride, window and top-k bounds, an
+    unavailable model marked with its whole reason, and the error next to its field."""
+    _form(page)
+    assert page.input_value("#model") == "shapes"
+    assert page.is_visible("#stride") and not page.is_visible("#batch_size")  # direct mode
+    page.select_option("#mode", "tiled")
+    assert page.is_visible("#batch_size") and page.is_visible("#stride")
+    assert "1 to 64 (the window)" in page.inner_text("#stride-limits")
+    page.select_option("#mode", "direct")
+    info = page.inner_text("#model-info")
+    assert "window 64x64 px" in info and "output stride 16 px" in info and "null" not in info
+    assert "background (skipped by top-k and the first view): background" in info
+    # Five classes, one of them background: top-k runs 1 to 4.
+    assert page.get_attribute("#top_k", "max") == "4" and page.inner_text("#top_k-limits").startswith("1 to 4")
+    # The advanced section is folded; the mask is a choice, with a file input for a picture.
+    for name in ("level", "mpp", "mask", "image_url", "callback_url", "precision", "threshold"):
+        assert not page.is_visible(f"#{name}"), name
+    page.click("#advanced summary")
+    assert page.is_visible("#mask") and not page.is_visible("#mask_image")
+    page.select_option("#mask", "image")
+    assert page.is_visible("#mask_image")
+    page.fill("#mpp", "0.25")
+    page.dispatch_event("#mpp", "input")
+    assert "at 0.25 µm/px the window covers 16.0 x 16.0 µm" in page.inner_text("#model-info")
+    page.select_option("#mask", "none")
+    # An unavailable model: marked in the list, its reason in full, submitting disabled.
+    label = page.eval_on_selector("#model option[value=vgg16]", "o => o.textContent")
+    assert label == "vgg16 (unavailable)"
+    page.select_option("#model", "vgg16")
+    reason = page.inner_text("#model-unavailable")
+    served = web_stack.client("alice").get("/api/v1/models").json
+    full = next(m["reason"] for m in served["models"] if m["name"] == "vgg16")
+    assert reason == "Unavailable here: " + full and page.is_disabled("#submit-button")
+    page.select_option("#model", "shapes")
+    assert page.is_enabled("#submit-button")
+    # An error about one field is shown next to that field (image_url is off on this service).
+    page.fill("#image_url", "file:///data/slide.svs")
+    page.click("#submit-button")
+    page.wait_for_selector("#image_url-error:not([hidden])")
+    assert "INPUT_URL_PREFIXES" in page.inner_text("#image_url-error")
+    assert page.is_hidden("#classes-error") and page.is_hidden("#image-error")
+    assert page.is_hidden("#key-panel")  # a 403 about the input is not a key problem
+    page.screenshot(path=ARTIFACTS / "form.png", full_page=True)
+
+
+def test_the_first_view_shows_the_objects(page, web_stack, tmp_path):
+    """The default top-3 of the bundled model skips `background`; asked for explicitly, the
+    viewer still opens on the strongest other class; the page offers every download."""
+    scene, objects = _scene(tmp_path)
+    client = web_stack.client("alice")
+    default = web_stack.submit(client, scene.read_bytes(), model="shapes").json["id"]
+    everything = web_stack.submit(
+        client, scene.read_bytes(), model="shapes", classes="background,circle,square,triangle,cross"
+    ).json["id"]
+    for job_id in (default, everything):
+        assert web_stack.wait_for(client, job_id)["status"] == JobStatus.succeeded
+    page.goto(f"/jobs/{everything}")
+    _enter_key(page, KEYS["alice"])
+    _wait_viewer(page)
+    manifest = client.get(f"/api/v1/jobs/{everything}/viewer").json
+    names = [c["name"] for c in manifest["classes"]]
+    assert names[0] == "background"
+    others = [c for c in manifest["classes"] if c["name"] != "background"]
+    strongest = max(others, key=lambda c: c["max"])
+    assert page.input_value("#class-select") == str(names.index(strongest["name"]))
+    assert page.evaluate("window.heatmapViewer.channel") == names.index(strongest["name"])
+    page.goto(f"/jobs/{default}")
+    _wait_viewer(page)
+    options = page.eval_on_selector_all("#class-select option", "els => els.map(e => e.textContent)")
+    assert "background" not in options and len(options) == 3
+    labels = page.eval_on_selector_all("#downloads a", "els => els.map(e => e.textContent)")
+    assert any(label.startswith("heatmap.tif") for label in labels)
+    assert any(label.startswith("regions.geojson") for label in labels)
+    assert page.is_hidden("#chance-note")
+    assert "each model window covers 64x64 level-0 px" in page.inner_text("#job-scale")
+    page.locator("main").screenshot(path=ARTIFACTS / "first-view.png")
+
+
+def test_canceled_is_neutral_and_retry_makes_a_new_job(page, web_stack):
+    client = web_stack.client("alice")
+    slow = web_stack.submit(
+        client, png_bytes(np.full((1024, 1024, 3), 60, np.uint8)), model="shapes", mode="tiled", stride=4
+    ).json["id"]
+    assert client.post(f"/api/v1/jobs/{slow}/cancel").status_code == 202
+    page.goto(f"/jobs/{slow}")
+    _enter_key(page, KEYS["alice"])
+    page.wait_for_selector("#job-error:not([hidden])")
+    assert page.get_attribute("#job-error", "class") == "notice"  # not the red error box
+    assert page.is_visible("#retry-job")
+    page.click("#retry-job")
+    page.wait_for_url(lambda url: url.rstrip("/").rsplit("/", 1)[1] not in (slow, "jobs"))
+    retry = page.url.rsplit("/", 1)[1]
+    assert client.get(f"/api/v1/jobs/{retry}").json["retry_of"] == slow
+    client.post(f"/api/v1/jobs/{retry}/cancel")

@@ -39,7 +39,8 @@ MAX_STARTUP_RATIO = 25
 def http_stack(tmp_path_factory, redis_server):
     """The API under gunicorn on a free port plus one worker; yields (stack, base URL)."""
     tmp = tmp_path_factory.mktemp("client-cli")
-    stack = Stack(tmp, make_database("sqlite", tmp), redis_server)
+    (tmp / "slides").mkdir()  # images the service reads by reference (--image-url)
+    stack = Stack(tmp, make_database("sqlite", tmp), redis_server, input_url_prefixes=[f"file://{tmp}/slides"])
     stack.start_worker("cli")
     port = free_port()
     log = open(tmp / "api.log", "ab")
@@ -113,9 +114,11 @@ def test_submit_wait_out_downloads_the_results(http_stack, scene, tmp_path):
     job = requests.get(f"{base}/api/v1/jobs/{job_id}", headers={"X-API-Key": KEYS["alice"]}, timeout=10).json()
     assert job["status"] == "succeeded"
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(
-        ["heatmap.npz", "summary.json", *(f"overlay_{c['index']}.png" for c in job["result"]["classes"])]
-    )
+    overlays = [f"overlay_{c['index']}.png" for c in job["result"]["classes"]]
+    # Every output the job has, the QuPath/QGIS map outputs too (issue 19).
+    assert names == sorted(["heatmap.npz", "summary.json", "heatmap.tif", "regions.geojson", *overlays])
+    served = requests.get(base + job["result"]["regions_url"], headers={"X-API-Key": KEYS["alice"]}, timeout=10)
+    assert (out / "regions.geojson").read_bytes() == served.content
     for entry in job["result"]["classes"]:
         served = requests.get(base + entry["overlay_url"], headers={"X-API-Key": KEYS["alice"]}, timeout=10).content
         assert (out / f"overlay_{entry['index']}.png").read_bytes() == served
@@ -128,6 +131,58 @@ def test_submit_wait_out_downloads_the_results(http_stack, scene, tmp_path):
         line = next(line for line in result.stdout.splitlines() if line.startswith(entry["name"] + " "))
         assert f"({best['x']}, {best['y']}:" in line
     assert not list(out.glob(".*"))  # no temporary files left
+
+
+def test_submit_by_reference_uploads_nothing(http_stack, scene, tmp_path):
+    """Issue 19: `heatmap submit --image-url URL --wait --out DIR` (no file), and a URL given
+    as the positional image, are submissions by reference: the job reads the file in place
+    (its image key is the URL, no upload stored) and --out saves every output."""
+    stack, base = http_stack
+    slide = stack.tmp_path / "slides" / "scene.png"
+    slide.write_bytes(scene[0].read_bytes())
+    url = f"file://{slide}"
+    out = tmp_path / "by-reference"
+    result = heatmap("submit", "--image-url", url, "--model", "shapes", "--wait", "--out", str(out), server=base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    job = requests.get(
+        f"{base}/api/v1/jobs/{_job_id(result.stdout)}", headers={"X-API-Key": KEYS["alice"]}, timeout=10
+    ).json()
+    assert job["params"]["image_url"] == url and job["image"]["bytes"] == 0
+    assert {"heatmap.tif", "regions.geojson", "heatmap.npz", "summary.json"} <= {p.name for p in out.iterdir()}
+    # The default top-3 of the bundled model skips its background class.
+    assert "background" not in [c["name"] for c in job["result"]["classes"]]
+    positional = heatmap("submit", url, "--model", "shapes", "--json", server=base)
+    assert positional.returncode == 0, positional.stderr
+    assert json.loads(positional.stdout)["params"]["image_url"] == url
+    both = heatmap("submit", str(scene[0]), "--image-url", url, server=base)
+    assert both.returncode == 2 and "not both" in both.stderr
+    neither = heatmap("submit", "--model", "shapes", server=base)
+    assert neither.returncode == 2 and "missing_image" in neither.stderr and "--image-url" in neither.stderr
+    outside = heatmap("submit", "--image-url", f"file://{tmp_path}/x.png", server=base)
+    assert outside.returncode == 2 and "url_not_allowed" in outside.stderr
+    assert "INPUT_URL_PREFIXES" in outside.stderr
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`heatmap models | head` with the reader gone: exit status, no BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first write: every write fails
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HEATMAP_", "PYTEST"))}
+    env |= {"KERAS_HOME": str(tmp_path), "DATA_DIR": str(tmp_path)}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "client.commands", "models"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
 
 
 def test_progress_bar_on_a_terminal(http_stack, scene, tmp_path):

@@ -86,6 +86,9 @@ def test_serve_leaves_nothing_running(tmp_path, sig):
     data_dir = str(tmp_path / "data")
     try:
         _wait_serving(tmp_path, proc)
+        banner = (tmp_path / "serve.log").read_text()
+        # Issue 19: serve mode logs to this terminal; the banner named a log folder it never used.
+        assert "logs in" not in banner and "its and the API's log follow here" in banner
         names = {p.name() for p in _ours(data_dir)}
         assert len(_ours(data_dir)) >= 4, names  # redis, celery (+ pool), gunicorn (+ workers)
         deadline = time.monotonic() + 60

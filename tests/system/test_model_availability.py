@@ -120,6 +120,32 @@ def test_user_model_whose_file_disappears_is_unavailable(tmp_path, redis_server,
     stack.close()
 
 
+def test_broken_user_models_are_problems_refused_at_submission(tmp_path, redis_server, keras_home):
+    """Issue 19: a .keras without its sidecar was silently absent, and a 5-class sidecar on a
+    3-output model was listed as available and failed in the worker. Both are now listed
+    under `problems` with the reason, and a job naming one is refused (400, no row, no file)."""
+    keras = pytest.importorskip("keras")
+    folder = tmp_path / "models"
+    folder.mkdir()
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    model.save(folder / "lonely.keras")
+    model.save(folder / "five.keras")
+    (folder / "five.json").write_text(json.dumps({"classes": list("abcde"), "preprocess": "tf"}))
+    stack = _stack(tmp_path, redis_server, models_dir=folder)
+    listing = stack.client().get("/api/v1/models").json
+    assert not {"lonely", "five"} & {m["name"] for m in listing["models"]}
+    problems = {p["file"]: p["message"] for p in listing["problems"]}
+    assert "no sidecar lonely.json" in problems["lonely.keras"]
+    assert "5 classes" in problems["five.json"] and "3 outputs" in problems["five.json"]
+    for name, reason in (("lonely", "no sidecar"), ("five", "3 outputs")):
+        response = _submit(stack, name)
+        assert response.status_code == 400, response.json
+        assert response.json["error"]["code"] == "model_unavailable" and reason in response.json["error"]["message"]
+        assert str(folder) not in response.json["error"]["message"]
+    assert _rows_and_files(stack) == (0, [])
+    stack.close()
+
+
 def test_require_available_is_an_input_error(keras_home):
     info = ModelCatalog([BUNDLED_MODELS_DIR]).get("vgg16")
     with pytest.raises(InputError) as exc:  # the API's error handler makes it a 400

@@ -37,4 +37,6 @@ def test_model_added_while_running_is_served(fresh_stack, tmp_path):
 
     (models / "added.json").unlink()
     refused = stack.submit(client, image, model="added")
-    assert refused.status_code == 400 and refused.json["error"]["code"] == "unknown_model"
+    # added.keras is left without its sidecar: named as a problem (issue 19), with the reason
+    assert refused.status_code == 400 and refused.json["error"]["code"] == "model_unavailable"
+    assert "no sidecar added.json" in refused.json["error"]["message"]

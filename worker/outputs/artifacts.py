@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from shared.jobspec import DEFAULT_WEIGHTING
 from shared.storage import HEATMAP_FILE, SUMMARY_FILE, overlay_filename
 from worker.grid import ScoreGrid
-from worker.outputs.blend import Peak, class_heat, class_peaks
+from worker.outputs.blend import ColourScale, Peak, class_heat, class_peaks
 
 # A perceptually ordered dark-to-bright colormap (anchor colours of matplotlib's "inferno").
 _ANCHORS = np.array(
@@ -148,7 +148,8 @@ def _legend_strip(width: int, legend: dict) -> Image.Image:
     draw = ImageDraw.Draw(strip)
     font = ImageFont.load_default(size=11)
     draw.text((6, 3), name[:28], fill=(255, 255, 255), font=font)
-    draw.text((6, 17), f"{legend['weighting']} over windows", fill=(170, 170, 170), font=font)
+    note = "near chance: drawn dim" if legend.get("near_chance") else f"{legend['weighting']} over windows"
+    draw.text((6, 17), note, fill=(250, 190, 90) if legend.get("near_chance") else (170, 170, 170), font=font)
     left = max(120, width // 3)
     right = width - 10
     ramp = colormap(np.linspace(0.0, 1.0, max(2, right - left)))
@@ -190,17 +191,19 @@ def write_overlays(
     max_side: int = 1024,
     weighting: str = DEFAULT_WEIGHTING,
     image_size: tuple[int, int] | None = None,
+    scales: list[ColourScale] | None = None,
 ) -> Overlays:
     """One PNG per score channel: the class's heat (`worker.outputs.blend.class_heat`: scaled to its
     own score range) over the dimmed downscaled image, its peaks ringed, and a legend strip
     with the colour bar and the range in score units (also returned for summary.json).
     `image_size` (h, w) is the grid's coordinate frame when `image` is a smaller picture of it
-    (an overview of a large image)."""
+    (an overview of a large image). `scales`: the classes' colour scales (the viewer's;
+    computed from the grid when not given, the same way)."""
     height, width = image_size or image.shape[:2]
     size = overlay_size(height, width, max_side)
     scale = (size[0] / height, size[1] / width)
     base = overlay_base(image, size)
-    heat = class_heat(grid, (height, width), size, weighting=weighting)
+    heat = class_heat(grid, (height, width), size, weighting=weighting, scales=scales)
     names = class_names or [str(int(i)) for i in grid.class_indices]
     # Rings around one window's heat, so they frame the object without hiding it (capped for
     # a large window on a small image).
@@ -208,10 +211,11 @@ def write_overlays(
     files, classes = [], []
     for channel, class_index in enumerate(grid.class_indices):
         peaks = class_peaks(grid, channel)
-        low, high = heat.low[channel], heat.high[channel]
+        low, high, near_chance = heat.low[channel], heat.high[channel], heat.near_chance[channel]
         legend = None
         if size[1] >= MIN_LEGEND_WIDTH:
             legend = {"name": names[channel], "low": low, "high": high, "weighting": weighting, "peak_radius": radius}
+            legend["near_chance"] = near_chance
         picture = render_overlay(base, heat.values[:, :, channel], peaks, scale, legend)
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
@@ -220,7 +224,7 @@ def write_overlays(
         files.append(name)
         classes.append(
             {
-                "scale": {"low": low, "high": high},
+                "scale": {"low": low, "high": high, "near_chance": near_chance},
                 "peaks": [{"x": p.x, "y": p.y, "score": p.score} for p in peaks],
             }
         )
@@ -228,7 +232,8 @@ def write_overlays(
         "colormap": COLORMAP_NAME,
         "weighting": weighting,
         "legend_height": LEGEND_HEIGHT if size[1] >= MIN_LEGEND_WIDTH else 0,
-        "note": "each class is coloured from its own scale.low (darkest) to scale.high (brightest)",
+        "note": "each class is coloured from its own scale.low (darkest) to scale.high (brightest), as in the "
+        "viewer; scale.near_chance: the map varies by less than a tenth of the score scale and is drawn dim",
     }
     return Overlays(files, size, legend_info, classes)
 

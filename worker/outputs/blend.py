@@ -1,6 +1,7 @@
 """Per-pixel maps from a score grid, at a chosen (usually reduced) resolution, and the heat
-that the overlays draw (and the viewer's heat layer shows): each class's map scaled to its
-own score range, plus its peaks.
+that the overlays draw (and the viewer's heat layer shows): each class's map on its colour
+scale (one per class, shared by the PNG and the viewer; dim when the map is near chance),
+plus its peaks.
 
 Each window spreads its score over the pixels it covers; where windows overlap they combine
 instead of overwriting each other:
@@ -108,6 +109,68 @@ def blend(
     return out.astype(np.float32)
 
 
+#: Probability maps are coloured from 0 to at least this score, so that a class found
+#: nowhere (max 0.0003) stays dark instead of having its noise stretched to full colour.
+PROBABILITY_FLOOR = 0.1
+#: A class whose scores vary by less than this fraction of the score scale (1 for
+#: probabilities; else the range of all the job's scores) is "near chance": an untrained or
+#: unsure model, whose map would be stretched to full brightness by its own range.
+CHANCE_FRACTION = 0.1
+#: The brightest a near-chance map is drawn (0..1 of the colour ramp): visibly dim.
+DIM_BRIGHTNESS = 0.4
+
+
+@dataclass(frozen=True)
+class ColourScale:
+    """The scores one class's colours span, the same in the PNG overlay, the viewer's heat
+    layer and its colour bar (issue 19: they differed, 0.352-0.418 against 0.000-0.418)."""
+
+    low: float
+    high: float
+    near_chance: bool
+
+
+#: Heat maps are blended at HEAT_PIXELS_PER_STRIDE pixels per grid stride (mean blending
+#: changes value only at stride steps), at most HEAT_MAX_SIDE on the long side: the viewer's
+#: heat layers, and the canvas every colour scale is measured on.
+HEAT_PIXELS_PER_STRIDE = 4
+HEAT_MAX_SIDE = 2048
+
+
+def heat_canvas(image_size: tuple[int, int], stride: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the heat canvas for an image of (height, width) `image_size`."""
+    height, width = image_size
+    scale = min(1.0, HEAT_PIXELS_PER_STRIDE / max(1, min(stride)))
+    long_side = min(HEAT_MAX_SIDE, max(1, round(max(height, width) * scale)))
+    scale = min(1.0, long_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def colour_scales(grid: ScoreGrid, image_size: tuple[int, int], weighting: str = DEFAULT_WEIGHTING) -> list:
+    """Each class's `ColourScale`, measured once on the heat canvas (not on each picture's
+    own canvas, whose blended range depends on its size): the blended map's own range, so
+    that its hottest place is the brightest whatever the blending did to its peak;
+    probabilities from 0 and at least to PROBABILITY_FLOOR. A class whose window scores are
+    near chance is drawn from its minimum, its range at DIM_BRIGHTNESS of the ramp at most."""
+    maps = blend(grid, image_size, heat_canvas(image_size, grid.stride), weighting=weighting)
+    finite = grid.scores[np.isfinite(grid.scores)]
+    probabilities = finite.size == 0 or (float(finite.min()) >= 0.0 and float(finite.max()) <= 1.0)
+    score_scale = 1.0 if probabilities else float(finite.max() - finite.min())
+    scales = []
+    for channel in range(grid.scores.shape[2]):
+        plane = grid.scores[:, :, channel]
+        plane = plane[np.isfinite(plane)]
+        drawn = maps[:, :, channel]
+        drawn = drawn[np.isfinite(drawn)]
+        least, most = (float(drawn.min()), float(drawn.max())) if drawn.size else (0.0, 0.0)
+        low, high = (0.0, max(most, PROBABILITY_FLOOR)) if probabilities else (least, most)
+        near_chance = bool(plane.size) and float(plane.max() - plane.min()) < CHANCE_FRACTION * score_scale
+        if near_chance:
+            low, high = least, max(least + (most - least) / DIM_BRIGHTNESS, high)
+        scales.append(ColourScale(low, high, near_chance))
+    return scales
+
+
 @dataclass(frozen=True)
 class ClassHeat:
     """What a person sees: each class's blended map scaled to its own score range.
@@ -120,6 +183,7 @@ class ClassHeat:
     low: tuple[float, ...]
     high: tuple[float, ...]
     weighting: str
+    near_chance: tuple[bool, ...] = ()
 
 
 def class_heat(
@@ -129,28 +193,34 @@ def class_heat(
     *,
     weighting: str = DEFAULT_WEIGHTING,
     ranges: list[tuple[float, float]] | None = None,
+    scales: list[ColourScale] | None = None,
 ) -> ClassHeat:
-    """Blend, then scale each class to its own range: the map's min..max on this canvas, or
-    `ranges` (e.g. the overlay's, from summary.json) so that a viewer's tiles drawn at
-    another resolution use the same colours as the overlay."""
+    """Blend, then scale each class to its colour scale (`colour_scales`, the one the viewer
+    uses too; given as `scales`, or computed), or to `ranges` (e.g. the overlay's, read back
+    from summary.json)."""
     maps = blend(grid, image_size, canvas_size, weighting=weighting)
+    if ranges is not None:
+        scales = [ColourScale(float(low), float(high), False) for low, high in ranges]
+    elif scales is None:
+        scales = colour_scales(grid, image_size, weighting)
     values = np.empty_like(maps)
-    lows, highs = [], []
-    for channel in range(maps.shape[2]):
-        plane = maps[:, :, channel]
-        if ranges is not None:
-            low, high = (float(v) for v in ranges[channel])
-        elif np.isnan(plane).all():
-            low = high = 0.0
-        else:
-            low, high = float(np.nanmin(plane)), float(np.nanmax(plane))
-        span = high - low
-        values[:, :, channel] = (
-            np.clip((plane - low) / span, 0.0, 1.0) if span > 0 else np.where(np.isnan(plane), plane, 0)
-        )
-        lows.append(low)
-        highs.append(high)
-    return ClassHeat(values, tuple(lows), tuple(highs), weighting)
+    for channel, scale in enumerate(scales):
+        values[:, :, channel] = scaled(maps[:, :, channel], scale)
+    return ClassHeat(
+        values,
+        tuple(s.low for s in scales),
+        tuple(s.high for s in scales),
+        weighting,
+        tuple(s.near_chance for s in scales),
+    )
+
+
+def scaled(plane: np.ndarray, scale: ColourScale) -> np.ndarray:
+    """A blended map on its colour scale: 0 at `low`, 1 at `high`, clipped (NaN kept)."""
+    span = scale.high - scale.low
+    if span > 0:
+        return np.clip((plane - scale.low) / span, 0.0, 1.0)
+    return np.where(np.isnan(plane), plane, 0.0)
 
 
 @dataclass(frozen=True)

@@ -29,21 +29,14 @@ from shared.storage import (
     heat_layer_name,
 )
 from worker.grid import ScoreGrid
-from worker.outputs.artifacts import colormap, overlay_size, write_atomic
-from worker.outputs.blend import blend
+from worker.outputs.artifacts import colormap, write_atomic
+from worker.outputs.blend import ColourScale, blend, colour_scales, heat_canvas, scaled
 
 TILE_SIZE = 256
-#: The heat layers are blended at HEAT_PIXELS_PER_STRIDE pixels per grid stride (mean
-#: blending changes value only at stride steps), at most HEAT_MAX_SIDE on the long side;
-#: the viewer stretches them over the image.
-HEAT_PIXELS_PER_STRIDE = 4
-HEAT_MAX_SIDE = 2048
 #: The viewer's copy of the score grid (score under the cursor) keeps at most this many
 #: cells per class; larger grids are max-pooled in square blocks so that no peak is lost.
 VIEWER_GRID_MAX_CELLS = 256 * 1024
 
-#: Probability maps are coloured from 0 to at least this score (see `colour_range`).
-PROBABILITY_FLOOR = 0.1
 
 ReadRegion = Callable[[int, int, int, int], np.ndarray]  # (x, y, w, h) -> (h, w, 3|4) uint8
 
@@ -133,10 +126,9 @@ _COLOUR_TABLE = colormap(np.linspace(0.0, 1.0, 256))
 
 
 def heat_size(size: tuple[int, int], stride: tuple[int, int]) -> tuple[int, int]:
-    """(height, width) of a heat layer for an image of `size` = (width, height)."""
-    scale = min(1.0, HEAT_PIXELS_PER_STRIDE / max(1, min(stride)))
-    long_side = min(HEAT_MAX_SIDE, max(1, round(max(size) * scale)))
-    return overlay_size(size[1], size[0], long_side)
+    """(height, width) of a heat layer for an image of `size` = (width, height): the heat
+    canvas the colour scales are measured on (`worker.outputs.blend.heat_canvas`)."""
+    return heat_canvas((size[1], size[0]), stride)
 
 
 def heat_rgba(values: np.ndarray) -> np.ndarray:
@@ -147,16 +139,6 @@ def heat_rgba(values: np.ndarray) -> np.ndarray:
     rgba[..., :3] = _COLOUR_TABLE[levels]  # a 256-entry table: one lookup per pixel
     rgba[..., 3] = np.round(np.clip(values, 0.0, 1.0) * 230).astype(np.uint8)
     return rgba
-
-
-def colour_range(drawn: np.ndarray, probabilities: bool) -> tuple[float, float]:
-    """The scores the colours span (the viewer's colour bar shows them). The class's own
-    range, so that its hottest place is the brightest whatever the blending did to its
-    peak; for probabilities from 0 and at least to PROBABILITY_FLOOR, so that a class found
-    nowhere (max 0.0003) stays dark instead of having its noise stretched to full colour."""
-    if probabilities:
-        return 0.0, max(float(drawn.max()), PROBABILITY_FLOOR)
-    return float(drawn.min()), float(drawn.max())
 
 
 def viewer_grid(grid: ScoreGrid) -> dict:
@@ -182,30 +164,35 @@ def viewer_grid(grid: ScoreGrid) -> dict:
 
 
 def write_viewer(
-    folder: Path, read_region: ReadRegion, size: tuple[int, int], grid: ScoreGrid, names: list[str], weighting: str
+    folder: Path,
+    read_region: ReadRegion,
+    size: tuple[int, int],
+    grid: ScoreGrid,
+    names: list[str],
+    weighting: str,
+    scales: list[ColourScale] | None = None,
 ) -> dict:
     """The viewer's files: the image pyramid (read region by region), one heat pyramid per
-    selected class (scaled to the class's own score range), and `viewer.json` (layers,
-    score ranges, peaks and the grid for the score under the cursor). Returns the manifest."""
+    selected class (on the class's colour scale, the overlay PNG's too: `scales`, computed
+    when not given), and `viewer.json` (layers, score ranges, near-chance flags, peaks and
+    the grid for the score under the cursor). Returns the manifest."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     width, height = size
     image = write_dzi(folder, IMAGE_LAYER, size, read_region, "jpeg")
     heat_h, heat_w = heat_size(size, grid.stride)
     maps = blend(grid, (height, width), (heat_h, heat_w), weighting=weighting)
-    probabilities = float(grid.scores.min(initial=0.0)) >= 0.0 and float(grid.scores.max(initial=0.0)) <= 1.0
+    scales = scales if scales is not None else colour_scales(grid, (height, width), weighting)
     classes = []
-    for channel, (name, index) in enumerate(zip(names, grid.class_indices, strict=True)):
-        drawn = maps[:, :, channel]
-        low, high = colour_range(drawn, probabilities)
-        values = (drawn - low) / (high - low) if high > low else np.zeros(drawn.shape)
+    for channel, (name, index, scale) in enumerate(zip(names, grid.class_indices, scales, strict=True)):
+        values = np.nan_to_num(scaled(maps[:, :, channel], scale), nan=0.0)
         layer = write_dzi(
             folder, heat_layer_name(index), (heat_w, heat_h), array_region_reader(heat_rgba(values)), "png"
         )
         y, x, best = grid.peak(channel)
         classes.append(
-            {"name": name, "index": int(index), "low": low, "high": high, "max": best, "peak": {"x": x, "y": y}}
-            | {"layer": layer}
+            {"name": name, "index": int(index), "low": scale.low, "high": scale.high, "max": best}
+            | {"near_chance": scale.near_chance, "peak": {"x": x, "y": y}, "layer": layer}
         )
     manifest = {"image": image, "classes": classes, "grid": viewer_grid(grid), "weighting": weighting}
     write_atomic(folder / VIEWER_FILE, json.dumps(manifest).encode())
