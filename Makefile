@@ -18,9 +18,11 @@ install: $(STAMP)
 demo: install
 	$(PY) scripts/devstack.py demo
 
-## Lint (ruff check + format --check), then the whole test suite (PostgreSQL too when TEST_DATABASE_URL is set).
+## Lint (ruff check + format --check), then the whole test suite (PostgreSQL too when TEST_DATABASE_URL is set),
+## on TEST_WORKERS processes (pytest-xdist; each takes whole test files, so a file's stack and order stay its own).
+TEST_WORKERS ?= 2
 test: lint system-packages
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 ## Debian packages the tests run as real processes (scripts/system-packages.txt), if missing.
 system-packages:
