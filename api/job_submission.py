@@ -1,7 +1,8 @@
 """Submitting a job: the one operation behind ``POST /api/v1/jobs``, apart from the view.
 
-Order matters for cost and for correctness: the rate limit is counted first and the form
-fields are bounded before anything reads them (a hostile request must not get expensive work
+Order matters for cost and for correctness: the rate limit is counted first (by the route,
+before the multipart body is even parsed: `count_rate`) and the form fields are bounded
+before anything reads them (a hostile request must not get expensive work
 for free); then cheap checks (idempotency, parameters against the catalogue, the image
 header), the active-jobs quota, and the only steps that write (store the upload, insert the
 row within the quota atomically, send the id). Every failure either leaves nothing
@@ -76,7 +77,7 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
     Raises `InputError` for bad input (mapped to 4xx by the error handlers) and `ApiError`
     for limits (429) and storage outages (503).
     """
-    _count_rate(ctx, submission.owner)  # first: a refused or costly request still counts
+    # The rate limit was counted before the body was parsed (`count_rate`, api.routes.job_routes).
     check_field_sizes(submission.form)  # then bound the fields, before anything reads them
     earlier = _earlier_job(ctx, submission)
     if earlier is not None:
@@ -176,9 +177,10 @@ def _earlier_job(ctx: ApiContext, submission: Submission) -> Job | None:
         return job_store.find_by_idempotency_key(session, submission.owner, submission.idempotency_key)
 
 
-def _count_rate(ctx: ApiContext, owner: str) -> None:
+def count_rate(ctx: ApiContext, owner: str) -> None:
     """Per-key rate limit (Redis; fails open when Redis is down), counted for every
-    submission before its form is validated, so that expensive input costs a hit too."""
+    submission before its body is parsed or validated, so that a request refused while
+    parsing (no image, a bad field) or expensive input costs a hit too (issue 20)."""
     settings = ctx.settings
     retry_after = None
     if settings.rate_limit_per_minute:
@@ -268,7 +270,7 @@ def retry_job(ctx: ApiContext, owner: str, job_id: str) -> Submitted:
     if earlier is not None:
         return Submitted(earlier, created=False)
     ctx.catalog().get(old.model)  # the model must still be offered (400 unknown_model)
-    _count_rate(ctx, owner)
+    count_rate(ctx, owner)
     _check_limits(ctx, owner)
     job = _copy_for_retry(ctx, old)
     winner = _insert(ctx, job, lambda session: job_store.find_retry(session, old.id))

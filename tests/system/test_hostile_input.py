@@ -118,6 +118,35 @@ def test_rate_limit_is_counted_before_validation(tmp_path, redis_server):
     stack.close()
 
 
+def test_rate_limit_counts_submissions_refused_while_parsing(tmp_path, redis_server):
+    """Issue 20: posts without an image were refused by the form parser before the limit was
+    counted (80 concurrent posts: 80 x 400, no 429). Now every submission counts."""
+    limit, clients = 3, 12
+    stack = Stack(tmp_path, make_database("sqlite", tmp_path), redis_server, rate_limit_per_minute=limit)
+    assert stack.app is not None
+    stack.app.extensions["heatmaps"].redis().delete(*_rate_keys(stack))  # other tests' hits this minute
+    barrier = threading.Barrier(clients)
+    codes: list[int] = []
+
+    def post():
+        client = stack.client("alice")
+        barrier.wait()
+        response = client.post("/api/v1/jobs", data={"mode": "direct"}, content_type="multipart/form-data")
+        codes.append((response.status_code, response.json["error"]["code"]))
+
+    threads = [threading.Thread(target=post) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(codes) == [(400, "missing_image")] * limit + [(429, "rate_limited")] * (clients - limit), codes
+    stack.close()
+
+
+def _rate_keys(stack) -> list[str]:
+    return list(stack.app.extensions["heatmaps"].redis().scan_iter("heatmaps:ratelimit:*")) or ["-"]
+
+
 @pytest.mark.parametrize(
     "form",
     [
