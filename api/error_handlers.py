@@ -55,6 +55,7 @@ INPUT_ERROR_STATUS = {
     "image_url_disabled": 403,
     "url_not_allowed": 403,
     "url_unreadable": 422,
+    "input_gone": 409,
 }
 
 

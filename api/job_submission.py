@@ -27,6 +27,7 @@ from api.context import ApiContext
 from api.error_handlers import ApiError
 from api.input_probe import probe_input
 from shared.catalog import require_available
+from shared.input_urls import open_location
 from shared.jobs import job_store
 from shared.jobs.database import session_scope
 from shared.jobs.job_status import JobStatus
@@ -255,7 +256,8 @@ def retry_job(ctx: ApiContext, owner: str, job_id: str) -> Submitted:
     the same job again returns the retry that exists (one retry per job: a unique column).
 
     404 unknown job, 409 `job_not_retryable` (not failed or canceled) or `input_gone` (the
-    upload was deleted: an unreadable image, or retention), 429 limits, 503 storage.
+    upload was deleted: an unreadable image, or retention; or the image_url vanished),
+    403 `url_not_allowed` (an image_url link that now leads outside), 429 limits, 503 storage.
     """
     url = ctx.settings.resolved_database_url
     with session_scope(url) as session:
@@ -285,8 +287,11 @@ def _copy_for_retry(ctx: ApiContext, old: Job) -> Job:
     so it is reused as it is); the uploaded mask picture is copied too."""
     new_id = new_job_id()
     key, size, digest = old.image_key, old.image_bytes, old.image_sha256
+    image_url = (old.params or {}).get("image_url")
+    if image_url:  # 409 input_gone while it is missing, 403 when a link now leads outside
+        open_location(image_url, ctx.settings.input_url_prefixes)
     try:
-        if not (old.params or {}).get("image_url"):
+        if not image_url:
             key = upload_key(new_id, "." + old.image_key.rsplit(".", 1)[-1])
             size, digest = _copy_object(ctx, old.image_key, key)
         if (old.params or {}).get("mask") == "image":
