@@ -141,6 +141,22 @@ class Settings(BaseSettings):
         ),
     )
     webhook_timeout_s: float = Field(5.0, gt=0, description="One delivery attempt: connect + response timeout.")
+    webhook_deadline_s: float = Field(
+        15.0,
+        gt=0,
+        description=(
+            "Longest one delivery attempt may take in all (connect, send, response headers); a "
+            "receiver that trickles its answer is cut off then and the attempt counts as failed."
+        ),
+    )
+    webhook_host_concurrency: int = Field(
+        2,
+        ge=1,
+        description=(
+            "Deliveries in flight at once per worker to one receiver (scheme, host and port), and "
+            "never all WEBHOOK_CONCURRENCY threads: one slow receiver cannot hold every tenant's."
+        ),
+    )
     webhook_retry_base_s: float = Field(2.0, gt=0, description="First retry delay; doubles after each failure.")
     webhook_retry_max_delay_s: float = Field(300.0, gt=0, description="Longest wait between two attempts.")
     webhook_give_up_after_s: float = Field(

@@ -4,7 +4,8 @@ Covers tiled and striped TIFF, BigTIFF, pyramids (SubIFDs or one page per level)
 and GeoTIFF. Small single-page striped TIFFs are left to Pillow (:func:`open_tiff_source`
 returns None) so that ordinary TIFFs keep :mod:`shared.image_sources.pillow_decoder`'s exact behaviour.
 Everything checked here comes from the header: page and level counts, level sizes, chunk
-(tile/strip) sizes and that every chunk of the read levels lies inside the file.
+(tile/strip) sizes, that every chunk of the read levels lies inside the file, and that the
+file stores data for enough of its chunks (a sparse or shared tile table is a cheap bomb).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from shared.image_sources.source_types import (
 _MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _ALLOWED_AXES = ("YX", "YXS", "SYX", "CYX")
 _CMYK, _PALETTE, _MINISWHITE = 5, 3, 0
+#: A level's tiles (or strips) with data of their own must be at least 1 in this many.
+MIN_STORED_FRACTION = 8
 
 
 def sniff_tiff_head(stream: IO[bytes]) -> bool:
@@ -209,7 +212,8 @@ def _file_size(tif) -> int | None:
 
 
 def _check_chunks(level, file_size: int | None) -> None:
-    """Every tile/strip of the level inside the file; no chunk absurdly large when decoded."""
+    """Every tile/strip of the level inside the file, holding data of its own; no chunk
+    absurdly large when decoded."""
     for page in level.pages:
         if page is None:
             continue
@@ -222,13 +226,29 @@ def _check_chunks(level, file_size: int | None) -> None:
                 f"one TIFF {'tile' if page.is_tiled else 'strip'} is {cols}x{rows} pixels "
                 f"({chunk >> 20} MB decoded); at most {MAX_CHUNK_BYTES >> 20} MB: re-save the file tiled",
             )
-        if file_size is None:
-            continue
         offsets = np.asarray(page.dataoffsets, dtype=np.int64)
         counts = np.asarray(page.databytecounts, dtype=np.int64)
         present = counts > 0
-        if present.any() and int((offsets[present] + counts[present]).max()) > file_size:
+        if file_size is not None and present.any() and int((offsets[present] + counts[present]).max()) > file_size:
             raise ImageError("corrupt_image", "the TIFF is truncated: image data lies past the end of the file")
+        _check_stored_data(offsets, counts, "tiles" if page.is_tiled else "strips")
+
+
+def _check_stored_data(offsets: np.ndarray, counts: np.ndarray, kind: str) -> None:
+    """Refuse a chunk table that declares far more image than the file stores (issue 20): a
+    few KB declaring 190000x190000 with every byte count 0, or every tile pointing at one
+    deflate blob. Either would be accepted, then hold a worker for its time limit analysing
+    nothing. A chunk counts when it has bytes of its own (a non-zero count at an offset no
+    other chunk uses); fewer than 1 in MIN_STORED_FRACTION of them is refused."""
+    total = len(counts)
+    present = counts > 0
+    distinct = len(np.unique(offsets[present])) if present.any() else 0
+    if total and distinct * MIN_STORED_FRACTION < total:
+        raise ImageError(
+            "sparse_image",
+            f"the TIFF stores data for {distinct} of its {total} {kind} (the rest are empty or share one "
+            f"another's data); at least 1 in {MIN_STORED_FRACTION} must hold its own: write the image out in full",
+        )
 
 
 def _layout(page, axes: str):

@@ -1,0 +1,112 @@
+"""Tiny TIFFs that declare huge images (issue 20, item 3): a tile table whose byte counts are
+all 0, or whose tiles all point at one deflate blob, is refused from the header (no tile is
+decoded), by the reader the API and the worker share; a sparse file that stores enough of its
+tiles is still read (its empty tiles as zeros). The files are real TIFFs written byte by byte."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from conftest import Stack, make_database
+
+from shared.image_sources.source_opener import open_image_source, probe_source
+from shared.image_sources.source_types import ImageError
+
+LIMITS = {"max_pixels": 200_000_000, "max_region_pixels": 40_000_000_000}
+
+
+def tiled_tiff(width: int, height: int, tile: int, chunks) -> bytes:
+    """A classic little-endian RGB deflate tiled TIFF. `chunks(index, count)` gives each tile's
+    compressed bytes: b"" (byte count 0), a bytes object (stored once per distinct object),
+    or the same object again (its offset shared)."""
+    across, down = -(-width // tile), -(-height // tile)
+    count = across * down
+    entries = 12
+    ifd_size = 2 + entries * 12 + 4
+    bits_at = 8 + ifd_size
+    offsets_at = bits_at + 6
+    counts_at = offsets_at + 4 * count
+    data_at = counts_at + 4 * count
+    blobs, placed, offsets, sizes = bytearray(), {}, [], []
+    for index in range(count):
+        blob = chunks(index, count)
+        if not blob:
+            offsets.append(0)
+            sizes.append(0)
+            continue
+        if id(blob) not in placed:
+            placed[id(blob)] = data_at + len(blobs)
+            blobs += blob
+        offsets.append(placed[id(blob)])
+        sizes.append(len(blob))
+
+    def entry(tag, kind, n, value):
+        return struct.pack("<HHI", tag, kind, n) + struct.pack("<I", value)
+
+    ifd = struct.pack("<H", entries) + b"".join(
+        [
+            entry(256, 4, 1, width),
+            entry(257, 4, 1, height),
+            entry(258, 3, 3, bits_at),
+            entry(259, 3, 1, 8),  # deflate
+            entry(262, 3, 1, 2),  # RGB
+            entry(277, 3, 1, 3),
+            entry(284, 3, 1, 1),
+            entry(322, 3, 1, tile),
+            entry(323, 3, 1, tile),
+            entry(324, 4, count, offsets_at) if count > 1 else entry(324, 4, 1, offsets[0]),
+            entry(325, 4, count, counts_at) if count > 1 else entry(325, 4, 1, sizes[0]),
+            entry(339, 3, 1, 1),
+        ]
+    )
+    ifd += struct.pack("<I", 0)
+    body = struct.pack("<2sHI", b"II", 42, 8) + ifd + struct.pack("<3H", 8, 8, 8)
+    body += struct.pack(f"<{count}I", *offsets) + struct.pack(f"<{count}I", *sizes)
+    assert len(body) == data_at
+    return bytes(body + blobs)
+
+
+def _tile(tile: int, value: int) -> bytes:
+    return zlib.compress(np.full((tile, tile, 3), value, np.uint8).tobytes(), 9)
+
+
+def test_all_zero_byte_counts_are_refused_from_the_header():
+    data = tiled_tiff(190_000, 190_000, 4096, lambda i, n: b"")
+    assert len(data) < 40_000  # about 18 KB declaring 36 gigapixels
+    with pytest.raises(ImageError) as refused:
+        probe_source(io.BytesIO(data), **LIMITS)
+    assert refused.value.code == "sparse_image"
+
+
+def test_tiles_sharing_one_deflate_blob_are_refused():
+    blob = _tile(4096, 0)
+    data = tiled_tiff(40_960, 40_960, 4096, lambda i, n: blob)
+    assert len(data) < 100_000
+    with pytest.raises(ImageError) as refused:
+        probe_source(io.BytesIO(data), **LIMITS)
+    assert refused.value.code == "sparse_image"
+    assert "1 of its 100 tiles" in refused.value.message
+
+
+def test_a_sparse_file_that_stores_enough_tiles_is_read_with_zeros_where_empty():
+    tile = 64
+    blobs = {i: _tile(tile, 10 + i) for i in range(16)}
+    data = tiled_tiff(tile * 8, tile * 8, tile, lambda i, n: blobs[i // 4] if i % 4 == 0 else b"")
+    with open_image_source(io.BytesIO(data), **LIMITS) as source:
+        assert (source.info.width, source.info.height) == (512, 512)
+        pixels = source.read_region(0, 0, 0, 512, 512)
+    assert pixels[0, 0].tolist() == [10, 10, 10]  # tile 0 holds data
+    assert pixels[0, tile].tolist() == [0, 0, 0]  # tile 1 is empty: zeros, nothing decoded
+
+
+def test_the_api_refuses_a_sparse_bomb_at_submission(tmp_path, redis_server):
+    stack = Stack(tmp_path, make_database("sqlite", tmp_path), redis_server)
+    data = tiled_tiff(190_000, 190_000, 4096, lambda i, n: b"")
+    response = stack.submit(stack.client(), data, filename="bomb.tif")
+    assert (response.status_code, response.json["error"]["code"]) == (422, "sparse_image"), response.json
+    assert not any(p.is_file() for p in (tmp_path / "storage").rglob("*"))  # nothing stored
+    stack.close()
