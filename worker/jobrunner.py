@@ -178,7 +178,7 @@ def execute(job_id: str, context: WorkerContext) -> JobStatus | None:
             log.info("job %s was deleted as it started; nothing to do", job_id)
             return JobStatus.canceled
         image_key, raw_params = job.image_key, job.params
-    workdir = make_scratch_dir(job_id)
+    workdir = make_scratch_dir(job_id, settings.resolved_scratch_dir)
     try:
         with Heartbeat(context, job_id, token) as heartbeat:
             return _run_guarded(job_id, token, image_key, raw_params, context, heartbeat, workdir)
