@@ -10,12 +10,17 @@ shows the whole page.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flask import Blueprint, current_app, render_template
 
 from shared.jobs.job_status import ACTIVE, JobStatus
 from shared.jobspec import FORM_FIELDS
 
-bp = Blueprint("ui", __name__, template_folder="templates", static_folder="static", static_url_path="/static")
+API_DIR = Path(__file__).resolve().parent.parent  # api/: its templates/ and static/ (not api/routes/)
+bp = Blueprint(
+    "ui", __name__, template_folder=API_DIR / "templates", static_folder=API_DIR / "static", static_url_path="/static"
+)
 
 #: The pages talk to this service only (the browser tests check it too).
 CONTENT_SECURITY_POLICY = (
