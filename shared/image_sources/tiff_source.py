@@ -35,6 +35,11 @@ _ALLOWED_AXES = ("YX", "YXS", "SYX", "CYX")
 _CMYK, _PALETTE, _MINISWHITE = 5, 3, 0
 #: A level's tiles (or strips) with data of their own must be at least 1 in this many.
 MIN_STORED_FRACTION = 8
+#: TIFF compressions of pictures (none, LZW, JPEG, deflate, PackBits, JPEG 2000, LZMA, zstd,
+#: WebP, JPEG XL); others (e.g. 65000, an electron-counting codec) are refused from the header.
+IMAGE_CODECS = frozenset({1, 5, 6, 7, 8, 32773, 32946, 33003, 33004, 33005, 34712, 34892, 34925, 50000, 50001, 50002})
+#: Most samples per pixel (RGBA plus one extra); more is no picture this service reads.
+MAX_SAMPLES = 5
 
 
 def sniff_tiff_head(stream: IO[bytes]) -> bool:
@@ -164,20 +169,39 @@ def _tiff_source(tif, owned_stream, max_pixels: int, max_region_pixels: int, min
 def _header_checks(tif) -> Any:
     """Page count and SubIFD count caps, before tifffile walks anything large."""
     pages = tif.pages
-    count = 0
-    for _ in pages:  # lazy: stops at the cap instead of reading every IFD
+    count, seen = 0, set()
+    for page in pages:  # lazy: stops at the cap instead of reading every IFD
         count += 1
+        offset = getattr(page, "offset", None)
+        if offset in seen:  # an IFD pointing back at an earlier one: the chain never ends
+            raise ImageError("corrupt_image", "the TIFF's image directories form a loop")
+        seen.add(offset)
         if count > MAX_TIFF_PAGES:
             raise ImageError("corrupt_image", f"the TIFF has more than {MAX_TIFF_PAGES} pages")
     if count == 0:
         raise ImageError("corrupt_image", "the TIFF has no image")
     page0 = pages.first
+    _check_codec(page0)
     subifds = page0.tags.get("SubIFDs")
     if subifds is not None and subifds.count > MAX_LEVELS:
         raise ImageError("corrupt_image", f"the TIFF declares {subifds.count} sub-images; at most {MAX_LEVELS}")
     if page0.photometric == _CMYK and (page0.is_tiled or tif.is_bigtiff):
         raise ImageError("unsupported_format", "tiled CMYK TIFF is not supported; convert it to RGB")
     return page0
+
+
+def _check_codec(page) -> None:
+    """A compression this reader can decode and a sample count an image has, from the header
+    (issue 20: compression 65000 or 100 samples per pixel used to fail only in the job)."""
+    import tifffile
+
+    code = int(page.compression)
+    if code not in IMAGE_CODECS or (code != 1 and code not in tifffile.TIFF.DECOMPRESSORS):
+        raise ImageError("unsupported_format", f"TIFF compression {code} is not supported")
+    if not 1 <= int(page.samplesperpixel) <= MAX_SAMPLES:
+        raise ImageError(
+            "unsupported_format", f"the TIFF has {page.samplesperpixel} samples per pixel; at most {MAX_SAMPLES}"
+        )
 
 
 def _wants_region_reader(tif, page0, max_pixels: int) -> bool:

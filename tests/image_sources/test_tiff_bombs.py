@@ -110,3 +110,61 @@ def test_the_api_refuses_a_sparse_bomb_at_submission(tmp_path, redis_server):
     assert (response.status_code, response.json["error"]["code"]) == (422, "sparse_image"), response.json
     assert not any(p.is_file() for p in (tmp_path / "storage").rglob("*"))  # nothing stored
     stack.close()
+
+
+def _patched(data: bytes, tag: int, value: int) -> bytes:
+    """The file with the SHORT value of `tag` replaced."""
+    out = bytearray(data)
+    at = data.index(struct.pack("<HHI", tag, 3, 1)) + 8
+    out[at : at + 2] = struct.pack("<H", value)
+    return bytes(out)
+
+
+def _small() -> bytes:
+    blobs = {i: _tile(64, 40 * i) for i in range(4)}
+    return tiled_tiff(128, 128, 64, lambda i, n: blobs[i])
+
+
+@pytest.mark.parametrize(
+    ("name", "mutate", "code", "words"),
+    [
+        # issue 20, item 7: reported as "more than 1024 pages"
+        (
+            "IFD loop",
+            lambda d: d[: 8 + 2 + 12 * 12] + struct.pack("<I", 8) + d[8 + 2 + 12 * 12 + 4 :],
+            "corrupt_image",
+            "loop",
+        ),
+        # accepted, then failed (or silently succeeded) in the job
+        ("compression 65000", lambda d: _patched(d, 259, 65000), "unsupported_format", "compression 65000"),
+        ("100 samples per pixel", lambda d: _patched(d, 277, 100), "unsupported_format", "100 samples"),
+    ],
+)
+def test_degenerate_headers_are_refused_with_what_is_wrong(name, mutate, code, words):
+    assert probe_source(io.BytesIO(_small()), **LIMITS).width == 128  # the file itself is fine
+    with pytest.raises(ImageError) as refused:
+        probe_source(io.BytesIO(mutate(_small())), **LIMITS)
+    assert refused.value.code == code and words in refused.value.message, (name, refused.value)
+
+
+def test_a_corrupt_mask_is_refused_like_the_same_file_as_the_image(tmp_path, redis_server):
+    """Issue 20, item 7: a TIFF whose directories loop was refused as the image but accepted
+    as `mask_image` (Pillow's header probe only), to fail in the job."""
+    stack = Stack(tmp_path, make_database("sqlite", tmp_path), redis_server)
+    small = _small()
+    looped = small[: 8 + 2 + 12 * 12] + struct.pack("<I", 8) + small[8 + 2 + 12 * 12 + 4 :]  # an IFD loop
+    client = stack.client()
+    as_image = stack.submit(client, looped, filename="t.tif")
+    assert as_image.status_code == 400 and as_image.json["error"]["code"] == "corrupt_image", as_image.json
+    from conftest import png_bytes
+
+    as_mask = client.post(
+        "/api/v1/jobs",
+        data={
+            "image": (io.BytesIO(png_bytes(np.zeros((128, 128, 3), np.uint8))), "i.png"),
+            "mask_image": (io.BytesIO(looped), "m.tif"),
+        },
+        content_type="multipart/form-data",
+    )
+    assert (as_mask.status_code, as_mask.json["error"]["code"]) == (400, "corrupt_image"), as_mask.json
+    stack.close()
