@@ -157,10 +157,12 @@ def test_slow_clients_do_not_stall_the_api(request, front):
     slow = SlowClients(address, SLOW_CLIENTS)
     try:
         time.sleep(2.5)  # let every slow connection reach the server and drip once
-        share = answered_within(address, NORMAL_REQUESTS, limit_s=1.0)
+        # A stalled server answers nothing; 5 s (not 1 s) leaves room for a machine busy with
+        # other work, which is not what this test is about (issue 20: green under load).
+        share = answered_within(address, NORMAL_REQUESTS, limit_s=5.0)
     finally:
         slow.close()
-    print(f"{front}: {share:.1%} of {NORMAL_REQUESTS} requests answered within 1 s with {SLOW_CLIENTS} slow clients")
+    print(f"{front}: {share:.1%} of {NORMAL_REQUESTS} requests answered within 5 s with {SLOW_CLIENTS} slow clients")
     assert share >= 0.99
 
 

@@ -21,7 +21,9 @@ from shared.webhook_signing import (
 )
 
 SECRET = "webhook-test-secret"
-HANG_TIMEOUT = 20.0  # the hanging receiver's attempt lasts this long
+#: The hanging receiver's attempt lasts this long: far longer than the next job and its
+#: delivery take even on a loaded machine, so "still in flight" below is what a client sees.
+HANG_TIMEOUT = 120.0
 
 
 def _settings(**values) -> Settings:
@@ -174,12 +176,14 @@ def test_deliveries_from_a_real_worker(fresh_stack, webhook_receiver, database):
     # 3. A receiver that hangs holds neither the next job nor other deliveries.
     hung = submit("hang/hung")
     _wait(lambda: webhook_receiver.requests("hang/hung"), 30, "the hanging request")
-    hang_started = time.time()
     after = submit("ok/after")
     assert stack.wait_for(client, after)["status"] == "succeeded"
-    _wait(lambda: webhook_receiver.requests("ok/after"), 30, "the next delivery")
-    assert time.time() - hang_started < HANG_TIMEOUT, "the next job or delivery waited for the hanging receiver"
-    assert stack.job_row(hung).webhook_state == "pending"  # still in flight
+    _wait(lambda: webhook_receiver.requests("ok/after"), 60, "the next delivery")
+    # ... while the hanging attempt is still the first and still in flight (issue 20: no
+    # wall-clock bound here; the state says whether the next delivery waited for it)
+    row = stack.job_row(hung)
+    assert row.webhook_state == "pending" and row.webhook_attempts == 1, (row.webhook_state, row.webhook_attempts)
+    assert len(webhook_receiver.requests("hang/hung")) == 1
 
     # 4. A job canceled through the API is delivered too.
     slow = stack.submit(
