@@ -236,6 +236,7 @@ def test_rate_limit_and_quota(tmp_path, redis_server):
     stack = Stack(
         tmp_path, make_database("sqlite", tmp_path), redis_server, rate_limit_per_minute=2, max_active_jobs_per_key=50
     )
+    stack.forget_rate_limits()
     client = stack.client("alice")
     codes = [stack.submit(client, GOOD).status_code for _ in range(3)]
     assert codes[:2] == [202, 202]
