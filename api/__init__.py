@@ -11,6 +11,7 @@ import logging
 from flask import Flask
 
 from api.context import ApiContext
+from api.edge_headers import register_edge_headers
 from api.error_handlers import HeatmapApi, register_error_handlers
 from api.schemas import document_limits
 from shared.settings import Settings, get_settings
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(health.bp)
     context.metrics_registry = metrics.make_registry(context)
     register_error_handlers(app)
+    register_edge_headers(app)
     if not settings.api_keys:
         log.warning("API_KEYS is empty: the API is in OPEN MODE (no authentication, all jobs shared)")
     return app

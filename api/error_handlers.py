@@ -50,11 +50,13 @@ INPUT_ERROR_STATUS = {
     "image_too_small": 422,
     # large-image path (shared.image_sources, shared.input_urls)
     "tile_too_large": 413,
+    "sparse_image": 422,
     "grid_too_large": 413,
     "no_resolution": 422,
     "image_url_disabled": 403,
     "url_not_allowed": 403,
     "url_unreadable": 422,
+    "input_gone": 409,
 }
 
 

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from shared.exceptions import InputError
-from shared.image_sources.pillow_decoder import ImageError, probe_image
+from shared.image_sources.pillow_decoder import ImageError
 from shared.image_sources.source_opener import probe_source
 from shared.image_sources.source_types import SourceInfo
 from shared.input_urls import check_input_url
@@ -31,7 +31,10 @@ def probe_input(settings: Any, submission: Any, params: JobParams, min_size) -> 
     if submission.mask is not None:
         if params.mask not in (None, "image"):
             raise InputError("invalid_parameter", f"a mask picture was sent, but mask={params.mask}")
-        probe_image(submission.mask, max_pixels=settings.max_image_pixels)
+        # the same readers and checks as the image (issue 20: a corrupt tiled TIFF was
+        # refused as the image but accepted as the mask, to fail only in the job)
+        probe_source(submission.mask, **limits)
+        submission.mask.seek(0)
         params = dataclasses.replace(params, mask="image")
     elif params.mask == "image":
         raise InputError("invalid_parameter", "mask=image needs a mask picture in the file field `mask_image`")

@@ -1,7 +1,8 @@
 """Submitting a job: the one operation behind ``POST /api/v1/jobs``, apart from the view.
 
-Order matters for cost and for correctness: the rate limit is counted first and the form
-fields are bounded before anything reads them (a hostile request must not get expensive work
+Order matters for cost and for correctness: the rate limit is counted first (by the route,
+before the multipart body is even parsed: `count_rate`) and the form fields are bounded
+before anything reads them (a hostile request must not get expensive work
 for free); then cheap checks (idempotency, parameters against the catalogue, the image
 header), the active-jobs quota, and the only steps that write (store the upload, insert the
 row within the quota atomically, send the id). Every failure either leaves nothing
@@ -26,6 +27,7 @@ from api.context import ApiContext
 from api.error_handlers import ApiError
 from api.input_probe import probe_input
 from shared.catalog import require_available
+from shared.input_urls import open_location
 from shared.jobs import job_store
 from shared.jobs.database import session_scope
 from shared.jobs.job_status import RETRYABLE
@@ -76,7 +78,7 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
     Raises `InputError` for bad input (mapped to 4xx by the error handlers) and `ApiError`
     for limits (429) and storage outages (503).
     """
-    _count_rate(ctx, submission.owner)  # first: a refused or costly request still counts
+    # The rate limit was counted before the body was parsed (`count_rate`, api.routes.job_routes).
     check_field_sizes(submission.form)  # then bound the fields, before anything reads them
     earlier = _earlier_job(ctx, submission)
     if earlier is not None:
@@ -176,9 +178,10 @@ def _earlier_job(ctx: ApiContext, submission: Submission) -> Job | None:
         return job_store.find_by_idempotency_key(session, submission.owner, submission.idempotency_key)
 
 
-def _count_rate(ctx: ApiContext, owner: str) -> None:
+def count_rate(ctx: ApiContext, owner: str) -> None:
     """Per-key rate limit (Redis; fails open when Redis is down), counted for every
-    submission before its form is validated, so that expensive input costs a hit too."""
+    submission before its body is parsed or validated, so that a request refused while
+    parsing (no image, a bad field) or expensive input costs a hit too (issue 20)."""
     settings = ctx.settings
     retry_after = None
     if settings.rate_limit_per_minute:
@@ -252,7 +255,8 @@ def retry_job(ctx: ApiContext, owner: str, job_id: str) -> Submitted:
     the same job again returns the retry that exists (one retry per job: a unique column).
 
     404 unknown job, 409 `job_not_retryable` (not failed or canceled) or `input_gone` (the
-    upload was deleted: an unreadable image, or retention), 429 limits, 503 storage.
+    upload was deleted: an unreadable image, or retention; or the image_url vanished),
+    403 `url_not_allowed` (an image_url link that now leads outside), 429 limits, 503 storage.
     """
     url = ctx.settings.resolved_database_url
     with session_scope(url) as session:
@@ -267,7 +271,7 @@ def retry_job(ctx: ApiContext, owner: str, job_id: str) -> Submitted:
     if earlier is not None:
         return Submitted(earlier, created=False)
     ctx.catalog().get(old.model)  # the model must still be offered (400 unknown_model)
-    _count_rate(ctx, owner)
+    count_rate(ctx, owner)
     _check_limits(ctx, owner)
     job = _copy_for_retry(ctx, old)
     winner = _insert(ctx, job, lambda session: job_store.find_retry(session, old.id))
@@ -282,8 +286,11 @@ def _copy_for_retry(ctx: ApiContext, old: Job) -> Job:
     so it is reused as it is); the uploaded mask picture is copied too."""
     new_id = new_job_id()
     key, size, digest = old.image_key, old.image_bytes, old.image_sha256
+    image_url = (old.params or {}).get("image_url")
+    if image_url:  # 409 input_gone while it is missing, 403 when a link now leads outside
+        open_location(image_url, ctx.settings.input_url_prefixes)
     try:
-        if not (old.params or {}).get("image_url"):
+        if not image_url:
             key = upload_key(new_id, "." + old.image_key.rsplit(".", 1)[-1])
             size, digest = _copy_object(ctx, old.image_key, key)
         if (old.params or {}).get("mask") == "image":

@@ -130,6 +130,8 @@ def gunicorn_command(port: int) -> list[str]:
         "20",
         "--keep-alive",
         "5",
+        "--config",
+        "python:api.gunicorn_config",  # gunicorn's own refusals as the API's JSON envelope
         "-b",
         f"127.0.0.1:{port}",
         "--access-logfile",

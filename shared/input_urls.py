@@ -4,10 +4,17 @@ Why a whitelist of prefixes: the worker reads the URL with the service's own cre
 so an open ``image_url`` would let any client read any file or bucket the service can.
 Only URLs that start with a configured prefix (after normalisation; no ``..`` segments,
 no query strings, no credentials) are accepted; an empty list turns the feature off.
+
+Why links are resolved (issue 20): the prefix check alone is textual, so a symbolic link (or a
+linked folder) under a ``file://`` prefix that points outside would let a client read any file
+the service can. For ``file://`` URLs the real path (every link resolved) must lie under the
+real path of a prefix, at submission (`check_input_url`) and again when the worker opens the
+file (`open_location`, which also answers `input_gone` for a file that has vanished).
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
 from urllib.parse import urlsplit
 
@@ -38,12 +45,67 @@ def check_input_url(url: str, prefixes: list[str]) -> str:
     if any(segment in ("..", ".") for segment in parts.path.split("/")):
         raise InputError("invalid_image_url", "image_url must not contain '.' or '..' segments")
     normal = f"{parts.scheme}://{parts.netloc}{posixpath.normpath(parts.path) if parts.path else ''}"
+    if not any(_under(normal, prefix.rstrip("/")) for prefix in prefixes):
+        raise _not_allowed()
+    if parts.scheme == "file" and _real_file_path(normal, prefixes) is None:
+        raise _not_allowed()  # a link under a prefix that leads outside every prefix
+    return normal
+
+
+def open_location(url: str, prefixes: list[str]) -> str:
+    """What the worker opens for an accepted `url`, checked again now (links may have changed
+    since submission): for ``file://`` the resolved real path, which must still lie under a
+    prefix and exist; other schemes as they are, when the object still exists.
+
+    Raises InputError ``url_not_allowed`` (403) or ``input_gone`` (the file or object is gone).
+    """
+    normal = check_input_url(url, prefixes)
+    if normal.startswith("file://"):
+        real = _real_file_path(normal, prefixes)
+        if real is None:
+            raise _not_allowed()
+        if not os.path.isfile(real):
+            raise _gone()
+        return real
+    if not _remote_exists(normal):
+        raise _gone()
+    return normal
+
+
+def _under(location: str, base: str) -> bool:
+    return location == base or location.startswith(base + "/")
+
+
+def _real_file_path(normal: str, prefixes: list[str]) -> str | None:
+    """The real path of a ``file://`` URL when it lies under the real path of a file prefix."""
+    real = os.path.realpath(normal[len("file://") :])
     for prefix in prefixes:
-        base = prefix.rstrip("/")
-        if normal == base or normal.startswith(base + "/"):
-            return normal
-    raise InputError(
+        if prefix.startswith("file://") and _under(real, os.path.realpath(prefix[len("file://") :]).rstrip("/")):
+            return real
+    return None
+
+
+def _remote_exists(url: str) -> bool:
+    """Whether an object store URL names an object; an unreachable store counts as present
+    (opening it then fails as the transient fault it is, not as a vanished input)."""
+    try:
+        import fsspec
+
+        filesystem, path = fsspec.core.url_to_fs(url)
+        return bool(filesystem.exists(path))
+    except FileNotFoundError:
+        return False
+    except Exception:
+        return True
+
+
+def _not_allowed() -> InputError:
+    return InputError(
         "url_not_allowed",
         "image_url is outside the locations this service may read (its INPUT_URL_PREFIXES); "
         "ask its operator to add the location, or upload the image",
     )
+
+
+def _gone() -> InputError:
+    return InputError("input_gone", "the job's image_url no longer exists; submit it again once it is back")

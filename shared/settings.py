@@ -25,6 +25,14 @@ class Settings(BaseSettings):
 
     # --- where things live -------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Local folder for the embedded defaults.")
+    scratch_dir: Path | None = Field(
+        None,
+        description=(
+            "This stack's folder for jobs' scratch space (downloaded inputs, outputs before "
+            "they are stored); default <temp>/heatmaps-scratch-<tag of database, queue and "
+            "storage>. Workers sweep only this folder, so stacks on one machine keep theirs."
+        ),
+    )
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///DATA_DIR/heatmap.db")
     redis_url: str | None = Field(None, description="Broker and rate-limit store; unset = embedded (dev only).")
     storage_url: str | None = Field(None, description="fsspec URL for uploads and artifacts; default DATA_DIR/storage.")
@@ -141,6 +149,22 @@ class Settings(BaseSettings):
         ),
     )
     webhook_timeout_s: float = Field(5.0, gt=0, description="One delivery attempt: connect + response timeout.")
+    webhook_deadline_s: float = Field(
+        15.0,
+        gt=0,
+        description=(
+            "Longest one delivery attempt may take in all (connect, send, response headers); a "
+            "receiver that trickles its answer is cut off then and the attempt counts as failed."
+        ),
+    )
+    webhook_host_concurrency: int = Field(
+        2,
+        ge=1,
+        description=(
+            "Deliveries in flight at once per worker to one receiver (scheme, host and port), and "
+            "never all WEBHOOK_CONCURRENCY threads: one slow receiver cannot hold every tenant's."
+        ),
+    )
     webhook_retry_base_s: float = Field(2.0, gt=0, description="First retry delay; doubles after each failure.")
     webhook_retry_max_delay_s: float = Field(300.0, gt=0, description="Longest wait between two attempts.")
     webhook_give_up_after_s: float = Field(
@@ -222,6 +246,16 @@ class Settings(BaseSettings):
         if self.storage_url:
             return self.storage_url
         return str((self.data_dir / "storage").resolve())
+
+    @property
+    def resolved_scratch_dir(self) -> Path:
+        if self.scratch_dir is not None:
+            return Path(self.scratch_dir)
+        import tempfile
+
+        identity = f"{self.resolved_database_url}|{self.queue_name}|{self.resolved_storage_url}"
+        tag = hashlib.sha256(identity.encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"heatmaps-scratch-{tag}"
 
     @property
     def model_dirs(self) -> list[Path]:

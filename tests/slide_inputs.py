@@ -4,6 +4,7 @@ an OME-TIFF, a GeoTIFF with a CRS, and helpers for broken files."""
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,3 +112,54 @@ def write_geotiff(path, pixels: np.ndarray, *, origin=(500000.0, 4200000.0), pix
             (34735, "H", len(directory), directory, True),
         ],
     )
+
+
+def tiled_tiff(width: int, height: int, tile: int, chunks) -> bytes:
+    """A classic little-endian RGB deflate tiled TIFF. `chunks(index, count)` gives each tile's
+    compressed bytes: b"" (byte count 0), a bytes object (stored once per distinct object),
+    or the same object again (its offset shared)."""
+    across, down = -(-width // tile), -(-height // tile)
+    count = across * down
+    entries = 12
+    ifd_size = 2 + entries * 12 + 4
+    bits_at = 8 + ifd_size
+    offsets_at = bits_at + 6
+    counts_at = offsets_at + 4 * count
+    data_at = counts_at + 4 * count
+    blobs, placed, offsets, sizes = bytearray(), {}, [], []
+    for index in range(count):
+        blob = chunks(index, count)
+        if not blob:
+            offsets.append(0)
+            sizes.append(0)
+            continue
+        if id(blob) not in placed:
+            placed[id(blob)] = data_at + len(blobs)
+            blobs += blob
+        offsets.append(placed[id(blob)])
+        sizes.append(len(blob))
+
+    def entry(tag, kind, n, value):
+        return struct.pack("<HHI", tag, kind, n) + struct.pack("<I", value)
+
+    ifd = struct.pack("<H", entries) + b"".join(
+        [
+            entry(256, 4, 1, width),
+            entry(257, 4, 1, height),
+            entry(258, 3, 3, bits_at),
+            entry(259, 3, 1, 8),  # deflate
+            entry(262, 3, 1, 2),  # RGB
+            entry(277, 3, 1, 3),
+            entry(284, 3, 1, 1),
+            entry(322, 3, 1, tile),
+            entry(323, 3, 1, tile),
+            entry(324, 4, count, offsets_at) if count > 1 else entry(324, 4, 1, offsets[0]),
+            entry(325, 4, count, counts_at) if count > 1 else entry(325, 4, 1, sizes[0]),
+            entry(339, 3, 1, 1),
+        ]
+    )
+    ifd += struct.pack("<I", 0)
+    body = struct.pack("<2sHI", b"II", 42, 8) + ifd + struct.pack("<3H", 8, 8, 8)
+    body += struct.pack(f"<{count}I", *offsets) + struct.pack(f"<{count}I", *sizes)
+    assert len(body) == data_at
+    return bytes(body + blobs)

@@ -5,7 +5,8 @@
 Every request is appended to LOG_FILE as one JSON line (path, headers, body, time). The path
 chooses the answer: ``/ok/...`` 200; ``/fail/N/...`` 500 for the first N requests to that
 path, then 200; ``/always500/...`` 500; ``/hang/...`` reads the request and never answers
-(until the process ends).
+(until the process ends); ``/trickle/S/...`` sends ``HTTP/1.1 200 OK`` and then one header
+byte every S seconds, forever (a slow-loris answer: each byte within a socket timeout).
 """
 
 from __future__ import annotations
@@ -42,12 +43,25 @@ class Handler(BaseHTTPRequestHandler):
         if parts[0] == "hang":
             time.sleep(3600)
             return
+        if parts[0] == "trickle":
+            self._trickle(float(parts[1]))
+            return
         status = 200
         if parts[0] == "always500" or (parts[0] == "fail" and count <= int(parts[1])):
             status = 500
         self.send_response(status)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+    def _trickle(self, interval: float) -> None:
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            while True:
+                self.wfile.flush()
+                time.sleep(interval)
+                self.wfile.write(b"X")
+        except OSError:  # the sender gave up and closed the connection
+            self.close_connection = True
 
     def log_message(self, *args):
         pass

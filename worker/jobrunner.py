@@ -31,6 +31,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from shared.error_text import public_message
 from shared.exceptions import InputError
 from shared.image_sources.source_types import ImageError
+from shared.input_urls import open_location
 from shared.jobs import job_metrics, job_store
 from shared.jobs.database import session_scope
 from shared.jobs.job_status import JobStatus
@@ -177,7 +178,7 @@ def execute(job_id: str, context: WorkerContext) -> JobStatus | None:
             log.info("job %s was deleted as it started; nothing to do", job_id)
             return JobStatus.canceled
         image_key, raw_params = job.image_key, job.params
-    workdir = make_scratch_dir(job_id)
+    workdir = make_scratch_dir(job_id, settings.resolved_scratch_dir)
     try:
         with Heartbeat(context, job_id, token) as heartbeat:
             return _run_guarded(job_id, token, image_key, raw_params, context, heartbeat, workdir)
@@ -215,12 +216,22 @@ def _run_guarded(
         code, message = describe_failure(exc)
         if code == "internal_error":
             log.exception("job %s crashed", job_id)
+        if isinstance(exc, ImageError):
+            _discard_unreadable_upload(context, job_id)
         _fail(context, job_id, token, code, message)
-        if isinstance(exc, ImageError):  # an unreadable upload is of no further use
-            context.storage.delete_prefix(upload_prefix(job_id))
         if isinstance(exc, RERAISE):
             raise
         return JobStatus.failed
+
+
+def _discard_unreadable_upload(context: WorkerContext, job_id: str) -> None:
+    """An unreadable upload is of no further use: removed *before* the row says `failed`, so
+    that a client who sees the failure never finds the upload still there (issue 20). A
+    removal that fails leaves it to the orphan sweep; the failure is recorded all the same."""
+    try:
+        context.storage.delete_prefix(upload_prefix(job_id))
+    except Exception as exc:
+        log.warning("upload of failed job %s not removed yet: %s", job_id, exc)
 
 
 def _fail(context: WorkerContext, job_id: str, token: str, code: str, message: str) -> None:
@@ -236,11 +247,25 @@ def _fail(context: WorkerContext, job_id: str, token: str, code: str, message: s
 
 
 def _input_path(context: WorkerContext, key: str, local: Path):
-    """A local path of a stored input (fetched to the scratch folder when storage is remote)."""
+    """A local path of a stored input (fetched to the scratch folder when storage is remote);
+    InputError `input_gone` when it no longer exists (deleted by retention meanwhile)."""
     path = context.storage.local_path(key)
-    if path is None:
-        path = with_retries(context.settings, lambda: context.storage.fetch_to(key, local), "download")
-    return path
+    if path is not None:
+        if not path.is_file():
+            raise InputError("input_gone", "the job's upload no longer exists; submit the image again")
+        return path
+    try:
+        return with_retries(context.settings, lambda: context.storage.fetch_to(key, local), "download")
+    except FileNotFoundError:
+        raise InputError("input_gone", "the job's upload no longer exists; submit the image again") from None
+
+
+def _image_location(context: WorkerContext, params: JobParams, image_key: str, workdir: Path):
+    """What the engine opens: an image_url checked again now (links resolved against the
+    prefixes, `input_gone` when it vanished: shared.input_urls), or the stored upload."""
+    if params.image_url:
+        return open_location(params.image_url, context.settings.input_url_prefixes)
+    return _input_path(context, image_key, workdir / "image")
 
 
 def _compute_and_store(
@@ -254,7 +279,7 @@ def _compute_and_store(
 ) -> JobStatus:
     settings, storage = context.settings, context.storage
     params = JobParams.from_json(raw_params)
-    image_path = params.image_url or _input_path(context, image_key, workdir / "image")
+    image_path = _image_location(context, params, image_key, workdir)
     mask_path = _input_path(context, mask_key(job_id), workdir / "mask") if params.mask == "image" else None
     out_dir = workdir / "out"
     summary = run_inference(

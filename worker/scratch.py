@@ -1,9 +1,14 @@
-"""Per-job scratch folders in the temp folder, and removing the ones killed workers left.
+"""Per-job scratch folders in this stack's scratch folder, and removing the ones killed
+workers left.
 
-A job's scratch folder is ``<tmp>/job-<job id>-pid<worker pid>-<random>``: the runner removes
-it when the job ends, but a SIGKILLed worker cannot, so every worker clears at start the
-folders whose process is gone. The pid in the name is what keeps the folders of other live
-workers on the same machine. No TensorFlow here: the worker's main process calls it.
+A job's scratch folder is ``<SCRATCH_DIR>/job-<job id>-pid<worker pid>-<random>``: the runner
+removes it when the job ends, but a SIGKILLed process cannot, so the folders whose process is
+gone are cleared when a worker starts and each time a pool process starts - also the
+replacement Celery forks for a pool process that was killed, so what it left (with S3 storage:
+the downloaded input and partial outputs) goes at once, not at the next worker restart. The
+pid in the name keeps the folders of other live pool processes; the stack's own
+``SCRATCH_DIR`` (``Settings.resolved_scratch_dir``: one per database, queue and storage)
+keeps other stacks' folders on the same machine out of reach (issue 20). No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -22,14 +27,19 @@ SCRATCH_PREFIX = "job-"
 _SCRATCH_RE = re.compile(rf"{SCRATCH_PREFIX}[0-9a-f]{{32}}-(?:pid(\d+)-)?.+")
 
 
-def make_scratch_dir(job_id: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{job_id}-pid{os.getpid()}-"))
+def make_scratch_dir(job_id: str, root: Path) -> Path:
+    """A new scratch folder for the job under this stack's `root` (made private if new)."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{job_id}-pid{os.getpid()}-", dir=root))
 
 
-def clean_stale_scratch(root: Path | None = None, older_than_s: float = 86400.0) -> list[Path]:
-    """Remove scratch folders whose process is gone, and unmarked ones (made before the pid
-    was in the name) untouched for `older_than_s`. Returns what was removed."""
-    root = Path(root or tempfile.gettempdir())
+def clean_stale_scratch(root: Path, older_than_s: float = 86400.0) -> list[Path]:
+    """Remove the scratch folders under this stack's `root` whose process is gone, and
+    unmarked ones (made before the pid was in the name) untouched for `older_than_s`.
+    Returns what was removed."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
     removed = []
     for path in root.glob(f"{SCRATCH_PREFIX}*"):
         match = _SCRATCH_RE.fullmatch(path.name)

@@ -75,7 +75,10 @@ def _hostname() -> str:
 
 @worker_process_init.connect
 def _init_child(**_kwargs) -> None:
+    from worker.scratch import clean_stale_scratch
+
     dispose_engines()  # connections inherited through fork must not be shared
+    clean_stale_scratch(settings.resolved_scratch_dir)  # a killed pool process's folder, at its replacement
     get_context()
 
 
@@ -84,7 +87,7 @@ def _start_reconciler(**_kwargs) -> None:
     global _reconciler_stop
     from worker.scratch import clean_stale_scratch
 
-    clean_stale_scratch()  # what killed workers left in the temp folder
+    clean_stale_scratch(settings.resolved_scratch_dir)  # what killed workers of this stack left
     if settings.worker_reconciler:
         from shared.jobs.reconcile import start_thread
 

@@ -11,7 +11,7 @@ from flask_smorest import Blueprint
 
 from api.auth import authenticate
 from api.error_handlers import ApiError
-from api.job_submission import Submission, retry_job, submit_job
+from api.job_submission import Submission, count_rate, retry_job, submit_job
 from api.multipart_form import MultipartParser
 from api.schemas import (
     IMAGE_FIELD,
@@ -34,6 +34,16 @@ from shared.jobs.tables import Job
 log = logging.getLogger("heatmaps.api")
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Heatmap jobs")
 blp.before_request(authenticate)
+
+
+@blp.before_request
+def _count_submission() -> None:
+    """Every submission counts against the rate limit, before its body is parsed: a request
+    the form parser refuses (no image, a bad field) is a hit too (issue 20)."""
+    if request.method == "POST" and request.endpoint == "jobs.Jobs":
+        count_rate(_ctx(), g.owner)
+
+
 blp.ARGUMENTS_PARSER = MultipartParser()  # the submission form and its file parsed by one schema
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")

@@ -4,7 +4,8 @@ Covers tiled and striped TIFF, BigTIFF, pyramids (SubIFDs or one page per level)
 and GeoTIFF. Small single-page striped TIFFs are left to Pillow (:func:`open_tiff_source`
 returns None) so that ordinary TIFFs keep :mod:`shared.image_sources.pillow_decoder`'s exact behaviour.
 Everything checked here comes from the header: page and level counts, level sizes, chunk
-(tile/strip) sizes and that every chunk of the read levels lies inside the file.
+(tile/strip) sizes, that every chunk of the read levels lies inside the file, and that the
+file stores data for enough of its chunks (a sparse or shared tile table is a cheap bomb).
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ from shared.image_sources.source_types import (
 _MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _ALLOWED_AXES = ("YX", "YXS", "SYX", "CYX")
 _CMYK, _PALETTE, _MINISWHITE = 5, 3, 0
+#: A level's tiles (or strips) with data of their own must be at least 1 in this many.
+MIN_STORED_FRACTION = 8
+#: TIFF compressions of pictures (none, LZW, JPEG, deflate, PackBits, JPEG 2000, LZMA, zstd,
+#: WebP, JPEG XL); others (e.g. 65000, an electron-counting codec) are refused from the header.
+IMAGE_CODECS = frozenset({1, 5, 6, 7, 8, 32773, 32946, 33003, 33004, 33005, 34712, 34892, 34925, 50000, 50001, 50002})
+#: Most samples per pixel (RGBA plus one extra); more is no picture this service reads.
+MAX_SAMPLES = 5
 
 
 def sniff_tiff_head(stream: IO[bytes]) -> bool:
@@ -161,20 +169,39 @@ def _tiff_source(tif, owned_stream, max_pixels: int, max_region_pixels: int, min
 def _header_checks(tif) -> Any:
     """Page count and SubIFD count caps, before tifffile walks anything large."""
     pages = tif.pages
-    count = 0
-    for _ in pages:  # lazy: stops at the cap instead of reading every IFD
+    count, seen = 0, set()
+    for page in pages:  # lazy: stops at the cap instead of reading every IFD
         count += 1
+        offset = getattr(page, "offset", None)
+        if offset in seen:  # an IFD pointing back at an earlier one: the chain never ends
+            raise ImageError("corrupt_image", "the TIFF's image directories form a loop")
+        seen.add(offset)
         if count > MAX_TIFF_PAGES:
             raise ImageError("corrupt_image", f"the TIFF has more than {MAX_TIFF_PAGES} pages")
     if count == 0:
         raise ImageError("corrupt_image", "the TIFF has no image")
     page0 = pages.first
+    _check_codec(page0)
     subifds = page0.tags.get("SubIFDs")
     if subifds is not None and subifds.count > MAX_LEVELS:
         raise ImageError("corrupt_image", f"the TIFF declares {subifds.count} sub-images; at most {MAX_LEVELS}")
     if page0.photometric == _CMYK and (page0.is_tiled or tif.is_bigtiff):
         raise ImageError("unsupported_format", "tiled CMYK TIFF is not supported; convert it to RGB")
     return page0
+
+
+def _check_codec(page) -> None:
+    """A compression this reader can decode and a sample count an image has, from the header
+    (issue 20: compression 65000 or 100 samples per pixel used to fail only in the job)."""
+    import tifffile
+
+    code = int(page.compression)
+    if code not in IMAGE_CODECS or (code != 1 and code not in tifffile.TIFF.DECOMPRESSORS):
+        raise ImageError("unsupported_format", f"TIFF compression {code} is not supported")
+    if not 1 <= int(page.samplesperpixel) <= MAX_SAMPLES:
+        raise ImageError(
+            "unsupported_format", f"the TIFF has {page.samplesperpixel} samples per pixel; at most {MAX_SAMPLES}"
+        )
 
 
 def _wants_region_reader(tif, page0, max_pixels: int) -> bool:
@@ -209,7 +236,8 @@ def _file_size(tif) -> int | None:
 
 
 def _check_chunks(level, file_size: int | None) -> None:
-    """Every tile/strip of the level inside the file; no chunk absurdly large when decoded."""
+    """Every tile/strip of the level inside the file, holding data of its own; no chunk
+    absurdly large when decoded."""
     for page in level.pages:
         if page is None:
             continue
@@ -222,13 +250,29 @@ def _check_chunks(level, file_size: int | None) -> None:
                 f"one TIFF {'tile' if page.is_tiled else 'strip'} is {cols}x{rows} pixels "
                 f"({chunk >> 20} MB decoded); at most {MAX_CHUNK_BYTES >> 20} MB: re-save the file tiled",
             )
-        if file_size is None:
-            continue
         offsets = np.asarray(page.dataoffsets, dtype=np.int64)
         counts = np.asarray(page.databytecounts, dtype=np.int64)
         present = counts > 0
-        if present.any() and int((offsets[present] + counts[present]).max()) > file_size:
+        if file_size is not None and present.any() and int((offsets[present] + counts[present]).max()) > file_size:
             raise ImageError("corrupt_image", "the TIFF is truncated: image data lies past the end of the file")
+        _check_stored_data(offsets, counts, "tiles" if page.is_tiled else "strips")
+
+
+def _check_stored_data(offsets: np.ndarray, counts: np.ndarray, kind: str) -> None:
+    """Refuse a chunk table that declares far more image than the file stores (issue 20): a
+    few KB declaring 190000x190000 with every byte count 0, or every tile pointing at one
+    deflate blob. Either would be accepted, then hold a worker for its time limit analysing
+    nothing. A chunk counts when it has bytes of its own (a non-zero count at an offset no
+    other chunk uses); fewer than 1 in MIN_STORED_FRACTION of them is refused."""
+    total = len(counts)
+    present = counts > 0
+    distinct = len(np.unique(offsets[present])) if present.any() else 0
+    if total and distinct * MIN_STORED_FRACTION < total:
+        raise ImageError(
+            "sparse_image",
+            f"the TIFF stores data for {distinct} of its {total} {kind} (the rest are empty or share one "
+            f"another's data); at least 1 in {MIN_STORED_FRACTION} must hold its own: write the image out in full",
+        )
 
 
 def _layout(page, axes: str):

@@ -40,12 +40,19 @@ def _due(now: datetime):
     )
 
 
-def due_deliveries(session: Session, limit: int = 50) -> list[tuple[str, int]]:
-    """(job id, attempts so far) of deliveries that should be attempted now, oldest first."""
-    rows = session.execute(
-        select(Job.id, Job.webhook_attempts).where(_due(utcnow())).order_by(Job.finished_at).limit(limit)
-    )
-    return [(job_id, attempts or 0) for job_id, attempts in rows]
+def due_deliveries(session: Session, limit: int = 50, skip_origins=()) -> list[tuple[str, int, str]]:
+    """(job id, attempts so far, callback_url) of deliveries that should be attempted now,
+    oldest first, less those to `skip_origins` (``scheme://host:port`` as the URL's text
+    begins: receivers with every slot this sender gives them in use, so that their backlog
+    never fills the batch and starves the others)."""
+    query = select(Job.id, Job.webhook_attempts, Job.callback_url).where(_due(utcnow()))
+    for origin in skip_origins:
+        query = query.where(
+            Job.callback_url != origin,
+            *(~Job.callback_url.startswith(origin + end, autoescape=True) for end in "/?#"),
+        )
+    rows = session.execute(query.order_by(Job.finished_at).limit(limit))
+    return [(job_id, attempts or 0, url) for job_id, attempts, url in rows]
 
 
 def claim_attempt(session: Session, job_id: str, seen_attempts: int, lease_s: float) -> bool:

@@ -236,6 +236,7 @@ def test_rate_limit_and_quota(tmp_path, redis_server):
     stack = Stack(
         tmp_path, make_database("sqlite", tmp_path), redis_server, rate_limit_per_minute=2, max_active_jobs_per_key=50
     )
+    stack.forget_rate_limits()
     client = stack.client("alice")
     codes = [stack.submit(client, GOOD).status_code for _ in range(3)]
     assert codes[:2] == [202, 202]
@@ -267,6 +268,16 @@ def test_openapi_document(client):
         assert path in paths
     assert "multipart/form-data" in paths["/api/v1/jobs"]["post"]["requestBody"]["content"]
     assert client.get("/api/v1/docs").status_code == 200
+
+
+def test_edge_headers_nosniff_everywhere_and_a_csp_on_the_docs(client):
+    """Issue 20, item 7: no `nosniff` anywhere, and the Swagger UI page had no CSP."""
+    for path in ("/api/v1/models", "/api/v1/jobs/" + "0" * 32, "/api/v1/openapi.json", "/healthz"):
+        assert client.get(path).headers.get("X-Content-Type-Options") == "nosniff", path
+    docs = client.get("/api/v1/docs")
+    policy = docs.headers["Content-Security-Policy"]
+    assert "'unsafe-inline'" not in policy.split("script-src")[1].split(";")[0]
+    assert "'sha256-" in policy and "object-src 'none'" in policy
 
 
 def test_importing_the_api_does_not_load_tensorflow():

@@ -338,6 +338,8 @@ def test_cancel_and_delete_buttons(page, web_stack):
 
 
 def test_swagger_ui_is_served_locally(page, web_stack):
+    violations = []  # issue 20: the page now has a CSP; Swagger UI must still start under it
+    page.on("console", lambda message: "Content Security Policy" in message.text and violations.append(message.text))
     page.goto("/api/v1/docs")
     page.wait_for_selector(".swagger-ui .information-container .title", timeout=30_000)
     assert "Heatmap jobs" in page.inner_text(".swagger-ui .information-container .title")
@@ -345,6 +347,7 @@ def test_swagger_ui_is_served_locally(page, web_stack):
     paths = page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.textContent)")
     assert "/api/v1/jobs/{job_id}/viewer" in [path.replace("\u200b", "") for path in paths], paths
     page.screenshot(path=ARTIFACTS / "docs.png")
+    assert violations == [], violations
 
 
 def test_open_mode_asks_for_no_key(browser, web_stack):

@@ -25,7 +25,8 @@ def _env(tmp_path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "STORAGE_URL")}
     env["DATA_DIR"] = str(tmp_path / "data")
     env["TMPDIR"] = str(tmp_path / "tmp")
-    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env["SCRATCH_DIR"] = str(tmp_path / "tmp" / "scratch")
+    (tmp_path / "tmp" / "scratch").mkdir(parents=True, exist_ok=True)
     return env
 
 
@@ -75,8 +76,8 @@ def _dead_pid() -> int:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
 def test_serve_leaves_nothing_running(tmp_path, sig):
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
+    scratch = tmp_path / "tmp" / "scratch"  # the stack's SCRATCH_DIR (see _env)
+    scratch.mkdir(parents=True)
     stale = scratch / f"job-{uuid.uuid4().hex}-pid{_dead_pid()}-abc"
     live = scratch / f"job-{uuid.uuid4().hex}-pid{os.getpid()}-def"
     for folder in (stale, live):

@@ -66,6 +66,54 @@ def test_pool_process_killed_mid_job_is_rerun(fresh_stack):
     assert_consistent(stack, job_id)
 
 
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _scratch(folder, job_id: str, pid: int):
+    path = folder / f"job-{job_id}-pid{pid}-x"
+    path.mkdir(parents=True)
+    (path / "image").write_bytes(b"x" * 100)
+    return path
+
+
+def _wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_a_killed_pool_process_leaves_no_scratch_and_other_stacks_keep_theirs(fresh_stack, tmp_path):
+    """Issue 20, item 6: the scratch folder of a SIGKILLed pool process stayed until the
+    worker's main process restarted (with S3 storage: the downloaded input and partial
+    outputs), and a worker's start-up sweep cleared other stacks' folders in the shared temp
+    folder. Now Celery's replacement pool process sweeps at once, and only this stack's."""
+    temp = tmp_path / "tmp"
+    mine = temp / "mine"
+    stack = fresh_stack(scratch_dir=mine)
+    dead = _dead_pid()
+    stale = _scratch(mine, "a" * 32, dead)  # this stack's, left by a killed worker
+    theirs = [_scratch(temp, "b" * 32, dead), _scratch(temp / "heatmaps-scratch-other", "c" * 32, dead)]
+    worker = stack.start_worker(TMPDIR=str(temp))
+    _wait_until(lambda: not stale.exists(), 60, "the start-up sweep")
+    client = stack.client()
+    job_id = stack.submit(client, long_image(), **LONG_JOB).json["id"]
+    wait_running(stack, client, job_id)
+    (child,) = stack.pool_children(worker)
+    (folder,) = mine.glob(f"job-{job_id}-pid{child}-*")
+    os.kill(child, signal.SIGKILL)
+    _wait_until(lambda: not folder.exists(), 60, "the replacement pool process to sweep")
+    assert stack.wait_for(client, job_id, timeout=180)["status"] == "succeeded"
+    # the second attempt removes its own folder right after its commit (not seen by clients)
+    _wait_until(lambda: list(mine.glob(f"job-{job_id}-*")) == [], 60, "the second attempt's clean-up")
+    assert all(path.exists() for path in theirs), theirs
+
+
 def test_whole_worker_killed_and_replaced(fresh_stack):
     stack = fresh_stack()
     first = stack.start_worker("first")

@@ -105,6 +105,7 @@ def test_rate_limit_is_counted_before_validation(tmp_path, redis_server):
     """A request with an expensive (or invalid) body still counts: the third is 429 before
     its parameters are validated, not 400 after looking up thousands of class names."""
     stack = Stack(tmp_path, make_database("sqlite", tmp_path), redis_server, rate_limit_per_minute=2)
+    stack.forget_rate_limits()
     client = stack.client()
     # within the field's size bound (a longer one is refused by the form schema at once) but
     # expensive: thousands of class names to look up, none of them known
@@ -115,6 +116,31 @@ def test_rate_limit_is_counted_before_validation(tmp_path, redis_server):
         codes.append(response.status_code)
         assert len(response.json["error"]["message"]) <= MESSAGE_CAP
     assert codes[:2] != [429, 429] and codes[2] == 429, codes
+    stack.close()
+
+
+def test_rate_limit_counts_submissions_refused_while_parsing(tmp_path, redis_server):
+    """Issue 20: posts without an image were refused by the form parser before the limit was
+    counted (80 concurrent posts: 80 x 400, no 429). Now every submission counts."""
+    limit, clients = 3, 12
+    stack = Stack(tmp_path, make_database("sqlite", tmp_path), redis_server, rate_limit_per_minute=limit)
+    assert stack.app is not None
+    stack.forget_rate_limits()
+    barrier = threading.Barrier(clients)
+    codes: list[int] = []
+
+    def post():
+        client = stack.client("alice")
+        barrier.wait()
+        response = client.post("/api/v1/jobs", data={"mode": "direct"}, content_type="multipart/form-data")
+        codes.append((response.status_code, response.json["error"]["code"]))
+
+    threads = [threading.Thread(target=post) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(codes) == [(400, "missing_image")] * limit + [(429, "rate_limited")] * (clients - limit), codes
     stack.close()
 
 

@@ -215,3 +215,33 @@ def test_orphan_sweep_respects_grace_and_rows(stack, registry):
     assert reconcile_once(stack.settings).swept == [orphan]
     assert orphan not in folders(stack) and kept in folders(stack)
     assert (root / "results" / "not-a-job-id").is_dir()  # only job folders are the sweep's business
+
+
+class WatchedStorage(Storage):
+    """The real local storage; each delete_prefix first notes the row's status at that moment."""
+
+    def __init__(self, url: str, database_url: str, job_id: str):
+        super().__init__(url)
+        self.database_url, self.job_id, self.seen = database_url, job_id, []
+
+    def delete_prefix(self, prefix: str) -> None:
+        with session_scope(self.database_url) as session:
+            self.seen.append((prefix, job_store.get_job(session, self.job_id).status))
+        super().delete_prefix(prefix)
+
+
+def test_an_unreadable_upload_is_gone_before_the_row_says_failed(stack, registry):
+    """Issue 20, item 8: a client that sees `failed` must not find the upload still there.
+    Before the fix the row was failed first and the upload removed after (a race a loaded
+    CI machine lost)."""
+    client = stack.client()
+    response = stack.submit(client, IMAGE[: len(IMAGE) // 2])  # a truncated PNG: the header is fine
+    assert response.status_code == 202, response.json
+    job_id = response.json["id"]
+    storage = WatchedStorage(stack.settings.resolved_storage_url, stack.settings.resolved_database_url, job_id)
+    context = WorkerContext(settings=stack.settings, storage=storage, registry=registry, name="in-process")
+    assert execute(job_id, context) == "failed"
+    assert stack.job_row(job_id).error_code == "corrupt_image"
+    uploads = [status for prefix, status in storage.seen if prefix.startswith("uploads/")]
+    assert uploads == ["running"], storage.seen
+    assert job_id not in folders(stack)

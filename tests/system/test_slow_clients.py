@@ -8,6 +8,7 @@ the repository's template, on a free port) in front of it, as in docker-compose.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -156,10 +157,12 @@ def test_slow_clients_do_not_stall_the_api(request, front):
     slow = SlowClients(address, SLOW_CLIENTS)
     try:
         time.sleep(2.5)  # let every slow connection reach the server and drip once
-        share = answered_within(address, NORMAL_REQUESTS, limit_s=1.0)
+        # A stalled server answers nothing; 5 s (not 1 s) leaves room for a machine busy with
+        # other work, which is not what this test is about (issue 20: green under load).
+        share = answered_within(address, NORMAL_REQUESTS, limit_s=5.0)
     finally:
         slow.close()
-    print(f"{front}: {share:.1%} of {NORMAL_REQUESTS} requests answered within 1 s with {SLOW_CLIENTS} slow clients")
+    print(f"{front}: {share:.1%} of {NORMAL_REQUESTS} requests answered within 5 s with {SLOW_CLIENTS} slow clients")
     assert share >= 0.99
 
 
@@ -190,3 +193,37 @@ def test_nginx_cuts_off_a_client_that_never_finishes_its_headers(nginx):
         data = b""
     assert time.monotonic() - start < 25 and b"200 OK" not in data
     sock.close()
+
+
+def _raw(address: str, request: bytes) -> bytes:
+    """Send bytes no HTTP library would send; the whole answer (the server closes)."""
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(request)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:  # closed with our unread bytes still queued: answer already read
+        pass
+    sock.close()
+    return data
+
+
+@pytest.mark.parametrize("front", ["dev_server", "nginx"])
+def test_refusals_before_the_app_are_the_json_envelope(request, front):
+    """Issue 20, item 7: requests the HTTP server refuses by itself were answered in HTML."""
+    address, _stack = request.getfixturevalue(front)
+    cases = [
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\nConnection: close\r\n\r\n", {400}),
+        (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", {400, 414}),
+        ("GET /api/v1/jobs/caf\u00e9 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(), {400, 404}),
+    ]
+    for raw, statuses in cases:
+        answer = _raw(address, raw)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        assert status in statuses, (front, head[:200])
+        assert b"content-type: application/json" in head.lower(), (front, head[:300])
+        assert json.loads(body)["error"]["code"], (front, body[:200])
+        assert b"a" * 100 not in body and b"\x01" not in body  # the input is not echoed
