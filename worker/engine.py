@@ -171,14 +171,7 @@ def _write_outputs(
     picture = raster.pixels if isinstance(raster, ArrayRaster) else overview(source, params.overlay_max_side)
     names = [loaded.info.classes[int(i)] for i in grid.class_indices]
     if viewer:
-        write_viewer(
-            out_dir / VIEWER_DIR,
-            lambda x, y, w, h: source.read_region(0, x, y, w, h),
-            (info.width, info.height),
-            grid.without_nan(),
-            names,
-            params.weighting,
-        )
+        write_viewer(out_dir / VIEWER_DIR, (info.width, info.height), grid.without_nan(), names, params.weighting)
     write_heatmap(out_dir, grid, names, params.mode, loaded.name)
     overlays = write_overlays(
         out_dir,

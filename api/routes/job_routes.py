@@ -232,6 +232,7 @@ class JobResource(MethodView):
         # Row first, then files: a crash in between leaves files without a row (the
         # reconciler's orphan sweep removes them), never a row pointing at missing files.
         _ctx().storage.delete_job_files(job.id)
+        _ctx().tiles.forget(job.id)  # its open input, if the viewer read tiles from it
         return "", 204
 
 
