@@ -28,7 +28,7 @@ from api.schemas import (
 from shared.error_text import public_message
 from shared.jobs import job_metrics, job_store
 from shared.jobs.database import session_scope
-from shared.jobs.job_status import ACTIVE, JobStatus
+from shared.jobs.job_status import ACTIVE, JobStatus, public_phase
 from shared.jobs.tables import Job
 
 log = logging.getLogger("heatmaps.api")
@@ -72,6 +72,7 @@ def represent(job: Job) -> dict:
     return {
         "id": job.id,
         "status": job.status,
+        "phase": public_phase(job.status, job.phase),
         "progress": job.progress,
         "created_at": job.created_at,
         "started_at": job.started_at,
