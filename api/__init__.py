@@ -13,6 +13,7 @@ from flask import Flask
 from api.context import ApiContext
 from api.error_handlers import HeatmapApi, register_error_handlers
 from api.schemas import document_limits
+from api.tile_server import gevent_patched
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger("heatmaps.api")
@@ -56,6 +57,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(health.bp)
     context.metrics_registry = metrics.make_registry(context)
     register_error_handlers(app)
+    if gevent_patched():
+        context.tiles.start()  # the tile process imports while the worker starts up
     if not settings.api_keys:
         log.warning("API_KEYS is empty: the API is in OPEN MODE (no authentication, all jobs shared)")
     return app

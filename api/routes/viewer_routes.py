@@ -16,7 +16,7 @@ from flask_smorest import Blueprint
 from api.auth import authenticate
 from api.error_handlers import ApiError
 from api.routes.job_routes import _ctx, _db, _load_job
-from api.tile_server import RENDER_VERSION, input_opener
+from api.tile_server import RENDER_VERSION, input_ref
 from shared.image_sources.dzi_geometry import IMAGE_FORMAT, descriptor_xml, tile_box
 from shared.jobs.job_status import JobStatus
 from shared.storage import IMAGE_LAYER, dzi_descriptor_name, dzi_tile_name, is_layer_name, viewer_key
@@ -124,8 +124,8 @@ def _image_tile(job_id: str, level: int, col: int, row: int, ext: str):
         response = Response(status=304)
     else:
         ctx = _ctx()
-        opener = input_opener(ctx.settings, ctx.storage, job.image_key, (job.params or {}).get("image_url"))
-        data = ctx.tiles.tile(job.id, box, (job.id, level, col, row), opener)
+        ref = input_ref(ctx.settings, ctx.storage, job.image_key, (job.params or {}).get("image_url"))
+        data = ctx.tiles.tile(job.id, ref, box, (job.id, level, col, row))
         response = Response(data, mimetype="image/jpeg")
     response.set_etag(etag)
     response.headers["Cache-Control"] = IMMUTABLE
