@@ -160,3 +160,50 @@ def test_s3_inputs_serve_tiles(fresh_stack, s3_server, tmp_path):
     ):
         assert stack.wait_for(client, job_id, timeout=300)["status"] == JobStatus.succeeded
         assert_tiles_match(client, job_id, image, tiles, tolerance=6.0)
+
+
+@pytest.mark.slow
+def test_tiles_under_gevent_come_from_the_tile_process(service):
+    """`make serve`'s server (gunicorn, gevent workers): tiles are rendered by each worker's
+    tile process, never on the gevent loop, and equal the source region resized."""
+    import subprocess
+
+    import psutil
+    import requests
+    from conftest import KEYS, stop_process, wait_for_port
+
+    from scripts.devstack import gunicorn_command
+    from scripts.embedded_redis import free_port
+    from shared.settings import REPO_ROOT
+
+    alice = service.client("alice")
+    pixels = smooth_scene(900, 600)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    job = service.submit(alice, buffer.getvalue(), model="shapes", top_k=1).json
+    assert service.wait_for(alice, job["id"])["status"] == JobStatus.succeeded
+    port = free_port()
+    log = service.tmp_path / "gevent-api.log"
+    api = subprocess.Popen(
+        gunicorn_command(port), cwd=REPO_ROOT, env=service.env(), stdout=log.open("ab"), stderr=subprocess.STDOUT
+    )
+    try:
+        wait_for_port(port, api)
+        session = requests.Session()
+        session.headers["X-API-Key"] = KEYS["alice"]
+        top = level_count(900, 600) - 1
+        for level, col, row in ((top, 0, 0), (top, 3, 2), (top - 1, 1, 1), (min_level(900, 600), 0, 0)):
+            url = f"http://127.0.0.1:{port}/api/v1/jobs/{job['id']}/dzi/image_files/{level}/{col}_{row}.jpeg"
+            response = session.get(url, timeout=60)
+            assert response.status_code == 200, log.read_text()[-3000:]
+            got = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB")).astype(np.int16)
+            assert float(np.abs(got - expected_tile(pixels, level, col, row)).mean()) < 3.0
+        tile_processes = [
+            child for child in psutil.Process(api.pid).children(recursive=True) if "api.tile_process" in child.cmdline()
+        ]
+        assert tile_processes, "no tile process under the gunicorn workers"
+    finally:
+        stop_process(api)
+    # The tile processes end with their workers (their sockets close): none is left behind.
+    gone, alive = psutil.wait_procs(tile_processes, timeout=30)
+    assert alive == []

@@ -63,7 +63,7 @@ def _save_tile(path: Path, tile: Image.Image, fmt: str) -> None:
     if fmt == "jpeg":
         tile.convert("RGB").save(path, format="JPEG", quality=88)
     else:
-        tile.save(path, format="PNG", compress_level=3)
+        tile.save(path, format="PNG", compress_level=1)  # smooth heat: level 1 is near as small, much faster
 
 
 def _finest_level(folder: Path, name: str, size: tuple[int, int], read_region: ReadRegion, fmt: str) -> int:
