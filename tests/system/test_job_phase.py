@@ -9,18 +9,20 @@ API, so no poll can miss a short phase. The heartbeat thread never beats on its 
 
 from __future__ import annotations
 
-from conftest import Stack, make_database, scene_png
+import pytest
+from conftest import DATABASES, Stack, make_database, scene_png
 
 from shared.jobs.job_status import JobPhase, JobStatus
 from shared.storage import Storage
 from worker.jobrunner import WorkerContext, execute
 
 
-def test_phases_and_progress_of_a_job(tmp_path, redis_server):
+@pytest.mark.parametrize("database", DATABASES)
+def test_phases_and_progress_of_a_job(database, tmp_path, redis_server):
     from shared.settings import Settings
     from worker.inference.model_registry import ModelRegistry
 
-    stack = Stack(tmp_path, make_database("sqlite", tmp_path), redis_server, heartbeat_interval_s=3600)
+    stack = Stack(tmp_path, make_database(database, tmp_path), redis_server, heartbeat_interval_s=3600)
     client = stack.client()
     image, _ = scene_png(192, 160, seed=3)
     job_id = stack.submit(client, image, model="shapes", top_k=2).json["id"]
