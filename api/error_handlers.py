@@ -55,6 +55,8 @@ INPUT_ERROR_STATUS = {
     "image_url_disabled": 403,
     "url_not_allowed": 403,
     "url_unreadable": 422,
+    # viewer tiles read from a job's input (api.tile_server)
+    "input_unavailable": 410,
 }
 
 

@@ -86,7 +86,10 @@ class _OpenInput:
     def tile(self, box: TileBox) -> bytes:
         with self._lock:
             if self._source is None:
-                self._source = self._ref.open()
+                try:
+                    self._source = self._ref.open()
+                except (FileNotFoundError, PermissionError):  # removed or moved since the job ran
+                    raise ImageError("input_unavailable", "the job's input image can no longer be read") from None
             pixels = read_tile(self._source, box)
         out = io.BytesIO()
         Image.fromarray(pixels).save(out, format="JPEG", quality=JPEG_QUALITY)
@@ -159,6 +162,10 @@ def _receive_exactly(sock: socket.socket, count: int) -> bytes:
     return b"".join(chunks)
 
 
+class TileProcessLost(RuntimeError):
+    """The tile process died (or closed a connection) while answering."""
+
+
 class _ProcessBackend:
     """A gevent server: a child process (api.tile_process) with `threads` connections, one
     request at a time on each; a greenlet takes a free connection (or waits for one)."""
@@ -178,9 +185,15 @@ class _ProcessBackend:
 
     def call(self, request: tuple) -> Any:
         sock = self._free.get()
+        if sock is None:  # closed while this greenlet waited for a connection
+            self._free.put(None)
+            raise TileProcessLost("the tile process was replaced")
         try:
             send_message(sock, request)
             status, value = receive_message(sock)
+        except (EOFError, OSError) as exc:
+            sock.close()
+            raise TileProcessLost(str(exc)) from None
         except BaseException:
             sock.close()  # a half-read answer: this connection is of no further use
             raise
@@ -190,6 +203,17 @@ class _ProcessBackend:
         if status == "error":
             raise RuntimeError(f"tile process: {value}")
         return value
+
+    def close(self) -> None:
+        """End the process and its connections (after it was lost: a fresh one replaces it)."""
+        self.process.kill()
+        while True:
+            try:
+                self._free.get_nowait().close()
+            except queue.Empty:
+                break
+        self._free.put(None)  # wakes whoever waits for a connection of this process
+        self.process.wait()
 
 
 def gevent_patched() -> bool:
@@ -230,7 +254,7 @@ class TileServer:
         if self._backend is not None:
             self._call(("forget", job_id))
 
-    def start(self) -> None:
+    def start(self) -> _ThreadBackend | _ProcessBackend:
         """Start the render threads or the tile process now (else on the first tile): the
         application factory does under gevent, so that no viewer waits for the tile
         process's imports (about a second) on its first tiles."""
@@ -238,11 +262,19 @@ class TileServer:
             if self._backend is None:  # in the process that serves: after gunicorn forked
                 backend = _ProcessBackend if gevent_patched() else _ThreadBackend
                 self._backend = backend(self._threads, self._open_inputs)
+            return self._backend
 
     def _call(self, request: tuple) -> Any:
-        if self._backend is None:
-            self.start()
-        return self._backend.call(request)
+        """Ask the backend; a tile process that died is replaced and asked once more."""
+        backend = self._backend or self.start()
+        try:
+            return backend.call(request)
+        except TileProcessLost:
+            with self._lock:
+                if self._backend is backend:
+                    self._backend = None
+            backend.close()
+            return self.start().call(request)
 
     def _remember(self, key: tuple, data: bytes) -> None:
         if len(data) > self._cache_bytes:

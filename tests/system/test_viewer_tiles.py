@@ -101,6 +101,17 @@ def test_uploaded_image_tiles_are_the_source_resized_and_cached(service):
     assert alice.get(path).status_code == 404  # the cached tile is not served past its row
 
 
+def test_a_tile_of_an_input_gone_from_storage_is_410(service):
+    alice = service.client("alice")
+    image, _ = scene_png(256, 192, seed=9)
+    job = service.submit(alice, image, model="shapes", top_k=1).json
+    assert service.wait_for(alice, job["id"])["status"] == JobStatus.succeeded
+    (Path(service.settings.resolved_storage_url) / service.job_row(job["id"]).image_key).unlink()
+    response = alice.get(f"/api/v1/jobs/{job['id']}/dzi/image_files/{level_count(256, 192) - 1}/0_0.jpeg")
+    assert response.status_code == 410 and response.json["error"]["code"] == "input_unavailable"
+    assert "/" not in response.json["error"]["message"]  # no server path
+
+
 @pytest.fixture(scope="module")
 def slide_stack(tmp_path_factory, redis_server):
     from conftest import Stack, make_database
@@ -202,6 +213,16 @@ def test_tiles_under_gevent_come_from_the_tile_process(service):
             child for child in psutil.Process(api.pid).children(recursive=True) if "api.tile_process" in child.cmdline()
         ]
         assert tile_processes, "no tile process under the gunicorn workers"
+        # A tile process that dies is replaced: the next tiles are served all the same.
+        for process in tile_processes:
+            process.kill()
+        psutil.wait_procs(tile_processes, timeout=30)
+        for col in (1, 2):
+            url = f"http://127.0.0.1:{port}/api/v1/jobs/{job['id']}/dzi/image_files/{top}/{col}_1.jpeg"
+            assert session.get(url, timeout=60).status_code == 200, log.read_text()[-3000:]
+        tile_processes += [
+            child for child in psutil.Process(api.pid).children(recursive=True) if "api.tile_process" in child.cmdline()
+        ]
     finally:
         stop_process(api)
     # The tile processes end with their workers (their sockets close): none is left behind.
