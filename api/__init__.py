@@ -14,6 +14,7 @@ from api.context import ApiContext
 from api.edge_headers import register_edge_headers
 from api.error_handlers import HeatmapApi, register_error_handlers
 from api.schemas import document_limits
+from api.tile_server import gevent_patched
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger("heatmaps.api")
@@ -58,6 +59,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     context.metrics_registry = metrics.make_registry(context)
     register_error_handlers(app)
     register_edge_headers(app)
+    if gevent_patched():
+        context.tiles.start()  # the tile process imports while the worker starts up
     if not settings.api_keys:
         log.warning("API_KEYS is empty: the API is in OPEN MODE (no authentication, all jobs shared)")
     return app

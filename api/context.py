@@ -1,5 +1,5 @@
 """What the views share, built once per application: settings, storage, the model
-catalogue and a Redis client."""
+catalogue, a Redis client and the viewer's tile server."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import threading
 
 import redis
 
+from api.tile_server import TileServer
 from shared.catalog import ModelCatalog, catalog_fingerprint
 from shared.settings import Settings
 from shared.storage import Storage
@@ -27,6 +28,7 @@ class ApiContext:
             else None
         )
         self.metrics_registry = None
+        self.tiles = TileServer(settings.tile_threads, settings.tile_cache_mb * 2**20, settings.tile_open_sources)
 
     def catalog(self) -> ModelCatalog:
         """Re-scanned whenever the model folders change (the workers do the same), so that

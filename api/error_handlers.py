@@ -57,6 +57,8 @@ INPUT_ERROR_STATUS = {
     "url_not_allowed": 403,
     "url_unreadable": 422,
     "input_gone": 409,
+    # viewer tiles read from a job's input (api.tile_server)
+    "input_unavailable": 410,
 }
 
 

@@ -24,7 +24,7 @@ def probe_input(settings: Any, submission: Any, params: JobParams, min_size) -> 
     if params.image_url:
         url = check_input_url(params.image_url, settings.input_url_prefixes)
         params = dataclasses.replace(params, image_url=url)
-        info = _probe_url(url, limits, min_size)
+        info = _probe_url(url, limits | {"endpoint_url": settings.s3_endpoint_url}, min_size)
     else:
         info = probe_source(submission.image, min_size=min_size, **limits)
         submission.image.seek(0)

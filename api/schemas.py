@@ -17,11 +17,12 @@ import marshmallow as ma
 from flask import current_app
 from flask_smorest.fields import Upload
 
-from shared.jobs.job_status import JobStatus
+from shared.jobs.job_status import JobPhase, JobStatus
 from shared.jobs.webhook_store import WebhookState
 from shared.jobspec import DIRECT_SCHEMES, FORM_FIELDS, FormField, JobParams
 
 STATUSES = [status.value for status in JobStatus]
+PHASES = [phase.value for phase in JobPhase]
 
 
 class ImageSchema(ma.Schema):
@@ -81,8 +82,16 @@ class TimingsSchema(ma.Schema):
     model_load_s = ma.fields.Float(required=True)
     decode_s = ma.fields.Float(required=True)
     inference_s = ma.fields.Float(required=True)
-    write_s = ma.fields.Float(required=True)
+    write_s = ma.fields.Float(required=True, metadata={"description": "all writers together"})
     total_s = ma.fields.Float(required=True)
+    # Each writer's share of write_s (absent for jobs from before they were timed; overview
+    # only when the input is read by region).
+    write_overview_s = ma.fields.Float(metadata={"description": "the overlays' background, read from a low level"})
+    write_viewer_s = ma.fields.Float(metadata={"description": "viewer.json and the heat pyramids"})
+    write_heatmap_s = ma.fields.Float(metadata={"description": "the score grid file"})
+    write_overlays_s = ma.fields.Float(metadata={"description": "overlay PNGs"})
+    write_raster_s = ma.fields.Float(metadata={"description": "heatmap.tif"})
+    write_regions_s = ma.fields.Float(metadata={"description": "regions.geojson"})
 
 
 def _schema_field(hint) -> ma.fields.Field:
@@ -144,6 +153,11 @@ class WebhookSchema(ma.Schema):
 class JobSchema(ma.Schema):
     id = ma.fields.String(required=True)
     status = ma.fields.String(required=True, validate=ma.validate.OneOf(STATUSES))
+    phase = ma.fields.String(
+        required=True,
+        validate=ma.validate.OneOf(PHASES),
+        metadata={"description": "what the job does now: queued, reading, inference, writing, storing, done"},
+    )
     progress = ma.fields.Float(required=True)
     created_at = ma.fields.AwareDateTime(required=True, metadata={"description": "UTC, with offset"})
     started_at = ma.fields.AwareDateTime(required=True, allow_none=True)

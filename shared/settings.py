@@ -130,6 +130,17 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    # --- viewer image tiles (read from the job's input by the API, issue 17) ---------------
+    tile_threads: int = Field(
+        2, ge=1, description="Threads per API process that read, resize and encode viewer image tiles."
+    )
+    tile_cache_mb: int = Field(
+        64, ge=0, description="Encoded viewer tiles kept per API process (least recently used out); 0 = none."
+    )
+    tile_open_sources: int = Field(
+        8, ge=1, description="Job inputs kept open per API process for tile reads (opening a slide is costly)."
+    )
+
     # --- webhooks -----------------------------------------------------------------------
     webhook_secret: str | None = Field(
         None, description="HMAC-SHA256 key of the X-Heatmap-Signature header; unset = callback_url refused."

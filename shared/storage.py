@@ -141,8 +141,9 @@ def check_key(key: str) -> str:
     return key
 
 
-def _options(url: str, endpoint_url: str | None) -> dict:
-    """fsspec options: for s3://, the endpoint (S3_ENDPOINT_URL) and no stale listings."""
+def fsspec_options(url: str, endpoint_url: str | None = None) -> dict:
+    """fsspec options: for s3://, the endpoint (S3_ENDPOINT_URL) and no stale listings. Used
+    for the storage and for an image_url alike, so an s3:// input reads the same endpoint."""
     if not url.startswith(("s3://", "s3a://")):
         return {}
     if endpoint_url is None:
@@ -158,7 +159,7 @@ def _options(url: str, endpoint_url: str | None) -> dict:
 class Storage:
     def __init__(self, url: str, endpoint_url: str | None = None):
         self.url = url
-        self.fs, root = fsspec.core.url_to_fs(url, **_options(url, endpoint_url))
+        self.fs, root = fsspec.core.url_to_fs(url, **fsspec_options(url, endpoint_url))
         self.root = root.rstrip("/")
         if self.is_local:
             Path(self.root).mkdir(parents=True, exist_ok=True)

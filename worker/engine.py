@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -16,6 +16,7 @@ import numpy as np
 
 from shared.image_sources.source_opener import open_image_source
 from shared.image_sources.source_types import DEFAULT_MAX_REGION_PIXELS, ImageSource
+from shared.jobs.job_status import JobPhase
 from shared.jobspec import JobParams
 from shared.storage import VIEWER_DIR
 from worker.grid import KeepFn, ProgressFn, ScoreGrid
@@ -37,6 +38,30 @@ from worker.outputs.blend import colour_scales
 from worker.outputs.deepzoom import write_viewer
 from worker.outputs.raster_output import write_raster
 from worker.outputs.regions_output import write_regions
+
+#: phase(phase, fraction of it done): called as a job moves from reading to inference to
+#: writing (and between writers), so that a caller can report what the job does now.
+PhaseFn = Callable[[JobPhase, float], None]
+
+
+def _no_phase(phase: JobPhase, fraction: float) -> None:
+    return None
+
+
+class WriteSteps:
+    """The writers of one job, run one after the other: each is timed (``write_<name>_s`` in
+    the summary's timings) and reported as a fraction of the writing phase."""
+
+    def __init__(self, total: int, phase: PhaseFn, timings: dict):
+        self.total, self.done, self.phase, self.timings = total, 0, phase, timings
+
+    def run(self, name: str, writer: Callable, *args, **kwargs):
+        self.phase(JobPhase.writing, self.done / self.total)
+        clock = time.perf_counter()
+        out = writer(*args, **kwargs)
+        self.timings[f"write_{name}_s"] = time.perf_counter() - clock
+        self.done += 1
+        return out
 
 
 def select_classes(grid: ScoreGrid, params: JobParams, background: Sequence[int] = ()) -> ScoreGrid:
@@ -96,6 +121,7 @@ def run_inference(
     progress: ProgressFn | None = None,
     viewer: bool = False,
     georeference: Mapping[str, Any] | None = None,
+    phase: PhaseFn = _no_phase,
 ) -> dict:
     """Compute heatmaps for one image and write them to `out_dir`; returns the summary.
     `viewer`: also write the web viewer's Deep Zoom pyramids (`viewer/`; the service does).
@@ -104,18 +130,22 @@ def run_inference(
     ImageSource and read region by region. `mask_image` is an uploaded mask (params.mask
     "image"). `georeference` (keys ``geotransform``, ``crs_wkt``, ``epsg``, ``mpp``: level-0
     pixels) overrides what the source states; it places ``heatmap.tif`` and the regions on the
-    map. Raises ``shared.image_sources.pillow_decoder.ImageError`` for bad images, ``shared.catalog.CatalogError``
+    map. `phase` is told when the job moves on (reading, inference, writing and each writer).
+    Raises ``shared.image_sources.pillow_decoder.ImageError`` for bad images, ``shared.catalog.CatalogError``
     for unknown models, and whatever `progress` raises (e.g. a cancellation).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    phase(JobPhase.reading, 0.0)
     loaded = registry.load(params.model, params.precision)
     timings = {"model_load_s": time.perf_counter() - started}
     with open_image_source(
         image_source, max_pixels=max_pixels, max_region_pixels=max_region_pixels, min_size=loaded.window
     ) as source:
-        grid, raster, mask, mask_mode = _compute(source, params, loaded, mask_image, max_pixels, progress, timings)
+        grid, raster, mask, mask_mode = _compute(
+            source, params, loaded, mask_image, max_pixels, (progress, phase), timings
+        )
         clock = time.perf_counter()
         info = source.info
         summary = {
@@ -130,8 +160,9 @@ def run_inference(
             "mask": mask_summary(grid, mask, mask_mode, params.mask_min_fraction),
         }
         place = dict(georeference) if georeference is not None else georeference_of(info)
-        summary |= _write_outputs(out_dir, grid, source, raster, params, loaded, viewer)
-        summary |= _write_map_outputs(out_dir, grid, loaded, params, place)
+        steps = WriteSteps(6 if viewer else 5, phase, timings)
+        summary |= _write_outputs(out_dir, grid, source, raster, params, loaded, viewer, steps)
+        summary |= _write_map_outputs(out_dir, grid, loaded, params, place, steps)
     timings["write_s"] = time.perf_counter() - clock
     timings["total_s"] = time.perf_counter() - started
     summary["timings"] = {key: round(value, 4) for key, value in timings.items()}
@@ -150,12 +181,14 @@ def georeference_of(info) -> dict:
     }
 
 
-def _write_map_outputs(out_dir: Path, grid: ScoreGrid, loaded: LoadedModel, params: JobParams, place: dict) -> dict:
+def _write_map_outputs(
+    out_dir: Path, grid: ScoreGrid, loaded: LoadedModel, params: JobParams, place: dict, steps: WriteSteps
+) -> dict:
     """heatmap.tif and regions.geojson (plus regions_map.geojson for a georeferenced source)."""
     names = [loaded.info.classes[int(i)] for i in grid.class_indices]
     return {
-        "raster": write_raster(out_dir, grid, names, **place),
-        "regions": write_regions(out_dir, grid, names, params.threshold, **place),
+        "raster": steps.run("raster", write_raster, out_dir, grid, names, **place),
+        "regions": steps.run("regions", write_regions, out_dir, grid, names, params.threshold, **place),
     }
 
 
@@ -167,27 +200,26 @@ def _write_outputs(
     params: JobParams,
     loaded: LoadedModel,
     viewer: bool,
+    steps: WriteSteps,
 ) -> dict:
-    """Every artifact but summary.json; returns what the summary says about them. The
-    overlays draw over the analysed pixels when they are in memory, else over an overview;
-    the viewer's image pyramid is read from the source region by region (level 0)."""
+    """The viewer's heat layers, heatmap.npz and the overlays; returns what the summary says
+    about them. The overlays draw over the analysed pixels when they are in memory, else over
+    an overview; the viewer's image layer is not written (the API reads it from the input)."""
     info = source.info
-    picture = raster.pixels if isinstance(raster, ArrayRaster) else overview(source, params.overlay_max_side)
+    if isinstance(raster, ArrayRaster):
+        picture = raster.pixels
+    else:
+        picture = steps.run("overview", overview, source, params.overlay_max_side)
     names = [loaded.info.classes[int(i)] for i in grid.class_indices]
     shown = grid.without_nan()
     scales = colour_scales(shown, (info.height, info.width), params.weighting)  # one per class: PNG = viewer
+    size = (info.width, info.height)
     if viewer:
-        write_viewer(
-            out_dir / VIEWER_DIR,
-            lambda x, y, w, h: source.read_region(0, x, y, w, h),
-            (info.width, info.height),
-            shown,
-            names,
-            params.weighting,
-            scales,
-        )
-    write_heatmap(out_dir, grid, names, params.mode, loaded.name)
-    overlays = write_overlays(
+        steps.run("viewer", write_viewer, out_dir / VIEWER_DIR, size, shown, names, params.weighting, scales)
+    steps.run("heatmap", write_heatmap, out_dir, grid, names, params.mode, loaded.name)
+    overlays = steps.run(
+        "overlays",
+        write_overlays,
         out_dir,
         shown,
         picture,
@@ -207,8 +239,10 @@ def _write_outputs(
     }
 
 
-def _compute(source: ImageSource, params: JobParams, loaded: LoadedModel, mask_image, max_pixels, progress, timings):
-    """Resolution, mask and checks (``decode_s``), then the scores in level-0 coordinates."""
+def _compute(source: ImageSource, params: JobParams, loaded: LoadedModel, mask_image, max_pixels, callbacks, timings):
+    """Resolution, mask and checks (``decode_s``), then the scores in level-0 coordinates.
+    `callbacks`: (progress per inference unit, phase)."""
+    progress, phase = callbacks
     clock = time.perf_counter()
     raster = open_raster(source, choose_resolution(source, params.level, params.mpp))
     check_analysis_size(raster, loaded.window)
@@ -216,6 +250,7 @@ def _compute(source: ImageSource, params: JobParams, loaded: LoadedModel, mask_i
     keep = None if mask is None else window_keeper(mask, raster.scale, params.mask_min_fraction)
     check_grid_memory(raster, params, loaded)
     timings["decode_s"] = time.perf_counter() - clock
+    phase(JobPhase.inference, 0.0)
     clock = time.perf_counter()
     background = loaded.info.background_indices()
     grid = compute_grid(raster, params, loaded, progress, keep)

@@ -34,7 +34,7 @@ from shared.image_sources.source_types import ImageError
 from shared.input_urls import open_location
 from shared.jobs import job_metrics, job_store
 from shared.jobs.database import session_scope
-from shared.jobs.job_status import JobStatus
+from shared.jobs.job_status import JobPhase, JobStatus
 from shared.jobspec import JobParams
 from shared.settings import Settings
 from shared.storage import Storage, StorageError, artifact_keys, mask_key, results_prefix, upload_prefix
@@ -64,8 +64,9 @@ class WorkerContext:
     storage: Storage
     registry: ModelRegistry
     name: str = socket.gethostname()
-    #: Called as ``checkpoint(step, job_id)`` after each step; tests use it to interleave a
-    #: cancel, a delete, retention or a worker death deterministically with the job's steps.
+    #: Called as ``checkpoint(step, job_id)`` after each step (and with a JobPhase once each
+    #: phase is recorded); tests use it to interleave a cancel, a delete, retention or a
+    #: worker death deterministically with the job's steps.
     checkpoint: Callable[[str, str], None] = _no_checkpoint
 
 
@@ -90,6 +91,7 @@ class Heartbeat:
     def __init__(self, context: WorkerContext, job_id: str, token: str):
         self.context, self.job_id, self.token = context, job_id, token
         self.done, self.total = 0, 0
+        self.phase, self.fraction = JobPhase.reading, 0.0  # as the claim recorded it
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{job_id}", daemon=True)
@@ -105,20 +107,41 @@ class Heartbeat:
     def progress(self, done: int, total: int) -> None:
         """Engine callback between tiles: record progress, stop if the job was taken away."""
         self.done, self.total = done, total
+        self.phase, self.fraction = JobPhase.inference, (done / total if total else 0.0)
+        self._check_held()
+
+    def enter(self, phase: JobPhase, fraction: float = 0.0) -> None:
+        """Engine/runner callback as the job moves on. A new phase is recorded at once (a few
+        row writes per job), so that the job JSON says what the job does; the fraction within
+        it goes with the next periodic beat."""
+        changed = phase != self.phase
+        self.phase, self.fraction = phase, fraction
+        if changed:
+            try:
+                self.beat()
+            except Exception as exc:  # as in the loop: the next beat tries again
+                log.warning("phase of %s not recorded: %s", self.job_id, exc)
+            self.context.checkpoint(phase, self.job_id)
+        self._check_held()
+
+    def _check_held(self) -> None:
         if self.lost.is_set():
             raise JobCanceled(self.job_id)
 
     def beat(self) -> None:
         url = self.context.settings.resolved_database_url
         with session_scope(url) as session:
-            if not job_store.heartbeat(session, self.job_id, self.token, self.done, self.total):
+            held = job_store.heartbeat(
+                session, self.job_id, self.token, self.done, self.total, self.phase, self.fraction
+            )
+            if not held:
                 self.lost.set()
 
     def confirm_held(self) -> None:
         """Ask the row now (not at the next beat) whether this worker still holds the job;
         raises JobCanceled when not. Called right before storing results."""
         with_retries(self.context.settings, self.beat, "check the job before storing")
-        self.progress(self.done, self.total)
+        self._check_held()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.context.settings.heartbeat_interval_s):
@@ -292,10 +315,12 @@ def _compute_and_store(
         mask_image=mask_path,
         progress=heartbeat.progress,
         viewer=True,
+        phase=heartbeat.enter,
     )
     context.checkpoint(COMPUTED, job_id)
     heartbeat.confirm_held()  # a job canceled or deleted meanwhile stores nothing
 
+    heartbeat.enter(JobPhase.storing)
     prefix = results_prefix(job_id)
     try:
         with_retries(settings, lambda: storage.put_dir(prefix, out_dir), "store artifacts")

@@ -28,7 +28,7 @@ from api.schemas import (
 from shared.error_text import public_message
 from shared.jobs import job_metrics, job_store
 from shared.jobs.database import session_scope
-from shared.jobs.job_status import ACTIVE, JobStatus
+from shared.jobs.job_status import ACTIVE, JobStatus, public_phase
 from shared.jobs.tables import Job
 
 log = logging.getLogger("heatmaps.api")
@@ -82,6 +82,7 @@ def represent(job: Job) -> dict:
     return {
         "id": job.id,
         "status": job.status,
+        "phase": public_phase(job.status, job.phase),
         "progress": job.progress,
         "created_at": job.created_at,
         "started_at": job.started_at,
@@ -242,6 +243,7 @@ class JobResource(MethodView):
         # Row first, then files: a crash in between leaves files without a row (the
         # reconciler's orphan sweep removes them), never a row pointing at missing files.
         _ctx().storage.delete_job_files(job.id)
+        _ctx().tiles.forget(job.id)  # its open input, if the viewer read tiles from it
         return "", 204
 
 

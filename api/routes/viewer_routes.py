@@ -1,21 +1,25 @@
 """/api/v1/jobs/<id>/viewer and /dzi/...: what the job page's deep-zoom viewer reads.
 
-The worker writes Deep Zoom pyramids of the image and of each class's heat layer, plus a
-manifest (`viewer.json`: layers, score ranges, peaks, the score grid). They are served here,
+The worker writes what only it knows: a Deep Zoom pyramid of each class's heat layer (small:
+a few pixels per grid stride) and a manifest (`viewer.json`: layers, score ranges, peaks, the
+score grid). The image layer is not copied: its tiles are read from the job's own input when
+asked for (`api.tile_server`), with a strong ETag and `immutable` caching. All of it is served
 behind the same API key and ownership checks as every other artifact (the browser sends the
 key as a header on tile requests too), so the page's HTML needs no key and no cookie.
 """
 
 from __future__ import annotations
 
-from flask import Response, send_file, stream_with_context
+from flask import Response, request, send_file, stream_with_context
 from flask_smorest import Blueprint
 
 from api.auth import authenticate
 from api.error_handlers import ApiError
 from api.routes.job_routes import _ctx, _db, _load_job
+from api.tile_server import RENDER_VERSION, input_ref
+from shared.image_sources.dzi_geometry import IMAGE_FORMAT, descriptor_xml, tile_box
 from shared.jobs.job_status import JobStatus
-from shared.storage import dzi_descriptor_name, dzi_tile_name, is_layer_name, viewer_key
+from shared.storage import IMAGE_LAYER, dzi_descriptor_name, dzi_tile_name, is_layer_name, viewer_key
 
 blp = Blueprint("viewer", __name__, url_prefix="/api/v1/jobs", description="Deep-zoom viewer data")
 blp.before_request(authenticate)
@@ -23,13 +27,24 @@ blp.before_request(authenticate)
 MIMETYPES = {"json": "application/json", "dzi": "application/xml", "jpeg": "image/jpeg", "png": "image/png"}
 
 
-def _viewer_file(job_id: str, name: str, cache_s: int = 0):
-    """Stream one file of a succeeded job's viewer folder (404 when absent: an older job, or
-    a name the worker never writes)."""
+#: Tiles and descriptors never change for a job id; `private`: they belong to one key.
+IMMUTABLE = "private, max-age=31536000, immutable"
+
+
+def _succeeded_job(job_id: str):
+    """The caller's succeeded job (404 for another key's job, 409 before it succeeded)."""
     with _db() as session:
         job = _load_job(session, job_id)
         if job.status != JobStatus.succeeded or not job.result:
             raise ApiError(409, "job_not_finished", f"the job is {job.status}; the viewer exists once it succeeded")
+        session.expunge(job)
+    return job
+
+
+def _viewer_file(job_id: str, name: str, cache_s: int = 0):
+    """Stream one file of a succeeded job's viewer folder (404 when absent: an older job, or
+    a name the worker never writes)."""
+    job = _succeeded_job(job_id)
     key = viewer_key(job.id, name)
     storage = _ctx().storage
     mimetype = MIMETYPES[name.rsplit(".", 1)[1]]
@@ -66,7 +81,12 @@ def manifest(job_id):
 @blp.response(200, description="Deep Zoom descriptor (XML)", content_type="application/xml")
 def descriptor(job_id, layer):
     """Deep Zoom descriptor of the image (`image`) or of one class's heat (`heat_<index>`)."""
-    return _viewer_file(job_id, dzi_descriptor_name(_layer(layer)))
+    if _layer(layer) == IMAGE_LAYER:
+        job = _succeeded_job(job_id)
+        response = Response(descriptor_xml(job.image_width, job.image_height, IMAGE_FORMAT), mimetype="application/xml")
+        response.headers["Cache-Control"] = IMMUTABLE
+        return response
+    return _viewer_file(job_id, dzi_descriptor_name(layer))
 
 
 @blp.route("/<string:job_id>/dzi/<string:layer>_files/<int:level>/<int:col>_<int:row>.<string:ext>", endpoint="tile")
@@ -87,4 +107,26 @@ def tile(job_id, layer, level, col, row, ext):
     """One tile of a Deep Zoom layer (JPEG for the image, PNG with transparency for heat)."""
     if ext not in ("jpeg", "png") or level > 64:
         raise ApiError(404, "not_found", "no such tile")
-    return _viewer_file(job_id, dzi_tile_name(_layer(layer), level, col, row, ext), cache_s=3600)
+    if _layer(layer) == IMAGE_LAYER:
+        return _image_tile(job_id, level, col, row, ext)
+    return _viewer_file(job_id, dzi_tile_name(layer, level, col, row, ext), cache_s=3600)
+
+
+def _image_tile(job_id: str, level: int, col: int, row: int, ext: str):
+    """A tile of the image layer, read from the job's input (see api.tile_server). The ETag
+    is known before any pixel is read, so a revalidation costs one row lookup."""
+    job = _succeeded_job(job_id)
+    box = tile_box(job.image_width, job.image_height, level, col, row)
+    if box is None or ext != IMAGE_FORMAT:
+        raise ApiError(404, "not_found", "no such tile")
+    etag = f"{job.id}-{level}-{col}-{row}-r{RENDER_VERSION}"
+    if etag in request.if_none_match:
+        response = Response(status=304)
+    else:
+        ctx = _ctx()
+        ref = input_ref(ctx.settings, ctx.storage, job.image_key, (job.params or {}).get("image_url"))
+        data = ctx.tiles.tile(job.id, ref, box, (job.id, level, col, row))
+        response = Response(data, mimetype="image/jpeg")
+    response.set_etag(etag)
+    response.headers["Cache-Control"] = IMMUTABLE
+    return response

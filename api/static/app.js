@@ -411,6 +411,7 @@
     $("job-progress").value = percent;
     $("job-progress-text").textContent = percent + " %";
     const active = config.active_statuses.includes(job.status);
+    $("job-phase").textContent = active ? job.phase : ""; // reading, inference, writing, storing
     $("cancel-job").hidden = !active;
     $("delete-job").hidden = active;
     $("retry-job").hidden = !config.retryable_statuses.includes(job.status);
@@ -463,8 +464,9 @@
   }
 
   function tileSource(jobId, layer) {
-    // The Deep Zoom layer without a descriptor request; the worker writes levels from
-    // min_level (the first that fits one tile) up, so OpenSeadragon never asks for smaller.
+    // The Deep Zoom layer without a descriptor request; levels exist from min_level (the
+    // first that fits one tile) up, so OpenSeadragon never asks for smaller. The image
+    // layer's tiles are read from the job's input by the API; the heat layers' are files.
     return new OpenSeadragon.DziTileSource({
       width: layer.width,
       height: layer.height,

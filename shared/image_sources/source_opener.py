@@ -19,9 +19,12 @@ def open_image_source(
     max_pixels: int,
     max_region_pixels: int = DEFAULT_MAX_REGION_PIXELS,
     min_size: tuple[int, int] | None = None,
+    endpoint_url: str | None = None,
 ) -> ImageSource:
     """Open `source` (a path, an fsspec URL, or a seekable binary stream) with the reader its
     content calls for. Only the header is read here; pixels come from ``read_region``.
+
+    `endpoint_url`: the S3 endpoint of an ``s3://`` URL (default: the service's S3_ENDPOINT_URL).
 
     Raises ImageError (codes as :func:`~shared.image_sources.pillow_decoder.probe_image`, plus ``tile_too_large``).
     """
@@ -30,7 +33,7 @@ def open_image_source(
         slide = open_slide_source(path, max_region_pixels=max_region_pixels, min_size=min_size)
         if slide is not None:
             return slide
-    stream, owned = _open_stream(source)
+    stream, owned = _open_stream(source, endpoint_url)
     try:
         if sniff_tiff_head(stream):
             tiff = open_tiff_source(
@@ -46,10 +49,12 @@ def open_image_source(
     return PillowOwned(pillow_info(info), stream, owned, max_pixels, min_size)
 
 
-def probe_source(source, *, max_pixels: int, max_region_pixels: int = DEFAULT_MAX_REGION_PIXELS, min_size=None):
+def probe_source(
+    source, *, max_pixels: int, max_region_pixels: int = DEFAULT_MAX_REGION_PIXELS, min_size=None, endpoint_url=None
+):
     """Header facts of `source` without decoding pixel data (the API's acceptance check)."""
     with open_image_source(
-        source, max_pixels=max_pixels, max_region_pixels=max_region_pixels, min_size=min_size
+        source, max_pixels=max_pixels, max_region_pixels=max_region_pixels, min_size=min_size, endpoint_url=endpoint_url
     ) as opened:
         return opened.info
 
@@ -65,14 +70,16 @@ def _local_path(source: Any) -> str | None:
     return None
 
 
-def _open_stream(source: Any) -> tuple[IO[bytes], bool]:
+def _open_stream(source: Any, endpoint_url: str | None) -> tuple[IO[bytes], bool]:
     """(binary stream, whether we opened it): paths and fsspec URLs are opened here."""
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if "://" in text and not text.startswith("file://"):
             import fsspec
 
-            return fsspec.open(text, "rb").open(), True
+            from shared.storage import fsspec_options
+
+            return fsspec.open(text, "rb", **fsspec_options(text, endpoint_url)).open(), True
         return open(_local_path(text) or text, "rb"), True
     if not hasattr(source, "read"):
         raise TypeError(f"source must be a path, URL or binary file object, not {type(source).__name__}")

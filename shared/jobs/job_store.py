@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, delete, false, func, or_, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
-from shared.jobs.job_status import ACTIVE, TERMINAL, JobStatus
+from shared.jobs.job_status import ACTIVE, TERMINAL, JobPhase, JobStatus, phase_progress
 from shared.jobs.tables import Job, utcnow
 
 _ACTIVE = [s.value for s in ACTIVE]
@@ -168,22 +168,35 @@ def claim(session: Session, job_id: str, worker: str) -> str | None:
         started_at=now,
         heartbeat_at=now,
         progress=0.0,
+        phase=JobPhase.reading.value,
         units_done=0,
         units_total=0,
     )
     return token if claimed else None
 
 
-def heartbeat(session: Session, job_id: str, token: str, units_done: int, units_total: int) -> bool:
-    """Record progress; False means this worker no longer holds the job (canceled or re-queued)."""
-    progress = min(1.0, units_done / units_total) if units_total else 0.0
+def heartbeat(
+    session: Session,
+    job_id: str,
+    token: str,
+    units_done: int,
+    units_total: int,
+    phase: JobPhase = JobPhase.inference,
+    fraction: float | None = None,
+) -> bool:
+    """Record progress; False means this worker no longer holds the job (canceled or re-queued).
+    `fraction` of `phase` done (default: the inference units' fraction) sets `progress`
+    within the phase's span (shared.jobs.job_status.PHASE_PROGRESS)."""
+    if fraction is None:
+        fraction = units_done / units_total if units_total else 0.0
     return _set(
         session,
         and_(Job.id == job_id, Job.claim_token == token, Job.status == JobStatus.running.value),
         heartbeat_at=utcnow(),
         units_done=units_done,
         units_total=units_total,
-        progress=round(progress * 0.99, 4),
+        phase=JobPhase(phase).value,
+        progress=phase_progress(JobPhase(phase), fraction),
     )
 
 

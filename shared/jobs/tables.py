@@ -91,6 +91,9 @@ class Job(Base):
     claim_token: Mapped[str | None] = mapped_column(
         String(32), nullable=True, doc="set by the worker that holds the job; fences stale workers"
     )
+    phase: Mapped[str | None] = mapped_column(
+        String(16), nullable=True, doc="what a running job does now (JobPhase); set by the worker"
+    )
     units_done: Mapped[int] = mapped_column(Integer, default=0, doc="tiles or window batches done")
     units_total: Mapped[int] = mapped_column(Integer, default=0)
     inference_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -107,12 +107,23 @@ def test_viewer_grid_keeps_every_cell_or_pools_the_maximum(monkeypatch):
 
 
 def test_write_viewer_heat_is_bright_where_the_class_scores(tmp_path):
-    image = RNG.integers(0, 255, (320, 480, 3), dtype=np.uint8)
     grid = _grid(17, 27)
     grid.scores[:] = 0.0
     grid.scores[5, 20, 1] = 0.9  # one hot window for class 1, class 0 found nowhere
-    manifest = write_viewer(tmp_path, array_region_reader(image), (480, 320), grid, ["a", "b"], "mean")
+    manifest = write_viewer(tmp_path, (480, 320), grid, ["a", "b"], "mean")
     assert manifest == json.loads((tmp_path / "viewer.json").read_text())
+    # The image layer is described (the API serves it from the input) but not written.
+    assert manifest["image"] | {} == {
+        "name": "image",
+        "width": 480,
+        "height": 320,
+        "tile_size": TILE_SIZE,
+        "overlap": 0,
+        "format": "jpeg",
+        "min_level": min_level(480, 320),
+        "max_level": level_count(480, 320) - 1,
+    }
+    assert not (tmp_path / "image.dzi").exists() and not (tmp_path / "image_files").exists()
     heat = manifest["classes"][1]["layer"]
     assert (heat["width"], heat["height"]) == (120, 80)  # 4 px per 16-px stride
     levels = level_count(heat["width"], heat["height"])

@@ -1,7 +1,10 @@
-"""Deep Zoom (DZI) pyramids for the web viewer: the image and each class's heat layer.
+"""Deep Zoom (DZI) pyramids for the web viewer: each class's heat layer, and the manifest.
 
 OpenSeadragon shows an image of any size by fetching only the 256-px tiles on screen, so the
-job page works the same for a 1-megapixel photo and a gigapixel slide. The pyramid is built
+job page works the same for a 1-megapixel photo and a gigapixel slide. The image layer itself
+is not written: the API reads its tiles from the job's input on demand (api.tile_server, with
+the geometry of shared.image_sources.dzi_geometry), so the worker writes only what it computed,
+and a job's files grow with its score grid, not with the slide (issue 17). A pyramid is built
 from a `read_region(x, y, w, h)` callable (level-0 pixels), one tile at a time: the finest
 level is read tile by tile, every coarser tile is made from the four finer tiles below it.
 Memory is a few tiles, whatever the image size, so a region-readable source (a tiled TIFF or
@@ -21,6 +24,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from shared.image_sources.dzi_geometry import (
+    IMAGE_FORMAT,
+    TILE_SIZE,
+    descriptor_xml,
+    layer_descriptor,
+    level_count,
+    min_level,
+)
 from shared.storage import (
     IMAGE_LAYER,
     VIEWER_FILE,
@@ -32,7 +43,6 @@ from worker.grid import ScoreGrid
 from worker.outputs.artifacts import colormap, write_atomic
 from worker.outputs.blend import ColourScale, blend, colour_scales, heat_canvas, scaled
 
-TILE_SIZE = 256
 #: The viewer's copy of the score grid (score under the cursor) keeps at most this many
 #: cells per class; larger grids are max-pooled in square blocks so that no peak is lost.
 VIEWER_GRID_MAX_CELLS = 256 * 1024
@@ -41,26 +51,12 @@ VIEWER_GRID_MAX_CELLS = 256 * 1024
 ReadRegion = Callable[[int, int, int, int], np.ndarray]  # (x, y, w, h) -> (h, w, 3|4) uint8
 
 
-def level_count(width: int, height: int) -> int:
-    """Deep Zoom levels: level 0 is 1x1 pixel, the last one is the full size."""
-    return math.ceil(math.log2(max(width, height, 1))) + 1
-
-
-def min_level(width: int, height: int) -> int:
-    """The coarsest level written: the first that fits in one tile. The levels below it (2x2
-    px, 1x1 px...) would add log2(TILE_SIZE) files per layer, which a small job pays for in
-    storage writes, for views nobody zooms out to; the viewer is told (OpenSeadragon's
-    `minLevel`), and another Deep Zoom viewer gets 404 for them."""
-    halvings = max(0, math.ceil(math.log2(max(width, height, 1) / TILE_SIZE)))
-    return level_count(width, height) - 1 - halvings
-
-
 def _save_tile(path: Path, tile: Image.Image, fmt: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "jpeg":
         tile.convert("RGB").save(path, format="JPEG", quality=88)
     else:
-        tile.save(path, format="PNG", compress_level=3)
+        tile.save(path, format="PNG", compress_level=1)  # smooth heat: level 1 is near as small, much faster
 
 
 def _finest_level(folder: Path, name: str, size: tuple[int, int], read_region: ReadRegion, fmt: str) -> int:
@@ -103,23 +99,8 @@ def write_dzi(folder: Path, name: str, size: tuple[int, int], read_region: ReadR
     current = size
     for coarser in range(level - 1, min_level(*size) - 1, -1):
         current = _coarser_level(folder, name, coarser, current, fmt, mode)
-    width, height = size
-    xml = (
-        '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" TileSize="{TILE_SIZE}" Overlap="0" '
-        f'Format="{fmt}"><Size Width="{width}" Height="{height}"/></Image>\n'
-    )
-    write_atomic(folder / dzi_descriptor_name(name), xml.encode())
-    return {
-        "name": name,
-        "width": width,
-        "height": height,
-        "tile_size": TILE_SIZE,
-        "overlap": 0,
-        "format": fmt,
-        "min_level": min_level(width, height),
-        "max_level": level,
-    }
+    write_atomic(folder / dzi_descriptor_name(name), descriptor_xml(*size, fmt).encode())
+    return layer_descriptor(name, *size, fmt)
 
 
 _COLOUR_TABLE = colormap(np.linspace(0.0, 1.0, 256))
@@ -165,21 +146,20 @@ def viewer_grid(grid: ScoreGrid) -> dict:
 
 def write_viewer(
     folder: Path,
-    read_region: ReadRegion,
     size: tuple[int, int],
     grid: ScoreGrid,
     names: list[str],
     weighting: str,
     scales: list[ColourScale] | None = None,
 ) -> dict:
-    """The viewer's files: the image pyramid (read region by region), one heat pyramid per
-    selected class (on the class's colour scale, the overlay PNG's too: `scales`, computed
-    when not given), and `viewer.json` (layers, score ranges, near-chance flags, peaks and
-    the grid for the score under the cursor). Returns the manifest."""
+    """The viewer's files: one heat pyramid per selected class (on the class's colour scale,
+    the overlay PNG's too: `scales`, computed when not given) and `viewer.json` (layers - the
+    image layer as the API serves it from the input -, score ranges, near-chance flags, peaks
+    and the grid for the score under the cursor). Returns the manifest."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     width, height = size
-    image = write_dzi(folder, IMAGE_LAYER, size, read_region, "jpeg")
+    image = layer_descriptor(IMAGE_LAYER, width, height, IMAGE_FORMAT)
     heat_h, heat_w = heat_size(size, grid.stride)
     maps = blend(grid, (height, width), (heat_h, heat_w), weighting=weighting)
     scales = scales if scales is not None else colour_scales(grid, (height, width), weighting)
