@@ -59,7 +59,7 @@ def compute_grid(
     """Scores in analysis pixels; `image` is read tile by tile (or batch by batch)."""
     if params.mode == "direct":
         return direct_inference(
-            loaded.fcn,
+            loaded.fcn_at(params.stride),
             image,
             loaded.preprocess,
             memory_budget_mb=params.memory_budget_mb,

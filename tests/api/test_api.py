@@ -124,7 +124,7 @@ def test_pixel_limit_is_exact(tmp_path, redis_server):
         ({"mode": "tiled", "stride": "100000"}, "invalid_parameter"),
         ({"mode": "tiled", "stride": "abc"}, "invalid_parameter"),
         ({"mode": "tiled", "stride": "1e3"}, "invalid_parameter"),
-        ({"stride": "16"}, "invalid_parameter"),  # stride is for tiled mode
+        ({"stride": "12"}, "invalid_parameter"),  # direct mode: the output stride (16) / 1, 2, 4 or 8
         ({"mode": "tiled", "batch_size": "0"}, "invalid_parameter"),
         ({"mode": "tiled", "batch_size": "-1"}, "invalid_parameter"),
         ({"mode": "tiled", "batch_size": "99999999"}, "invalid_parameter"),

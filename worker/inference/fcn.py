@@ -375,6 +375,7 @@ def _find_head(functional):
         tensor = _single_input(op, node_index)
     head_ops.reverse()
     if len(feature_tensor.shape) != 4:
+        _check_head_layer(*_producer(feature_tensor))  # names a layer that reshaped the head's vectors
         raise UnsupportedModelError(f"layer {pool_layer.name!r} does not follow a 4-D feature map")
     return pool_layer, feature_tensor, head_ops
 
@@ -410,8 +411,9 @@ def _is_head_layer(op, node_index) -> bool:
         one = (1, 1)
         return tuple(op.kernel_size) == one and tuple(op.strides) == one and op.groups == 1
     if isinstance(op, (layers.Reshape, layers.Flatten)):
-        shape = tuple(_single_input(op, node_index).shape[1:])
-        return len(shape) == 1 or shape[:-1] == (1, 1)
+        node = op._inbound_nodes[node_index]
+        shapes = [tuple(node.input_tensors[0].shape[1:]), tuple(node.output_tensors[0].shape[1:])]
+        return all(len(shape) == 1 or shape[:-1] == (1, 1) for shape in shapes)
     return False
 
 
