@@ -63,6 +63,9 @@ class ModelInfo:
     input_size: tuple[int, int]
     output_stride: int | None
     description: str
+    # A layer of the trunk that sees the whole image (squeeze-excitation), read from the
+    # model file without Keras: direct mode is refused at submission (None: none found).
+    global_context: str | None = None
 
     def public(self) -> dict:
         return {
@@ -100,12 +103,39 @@ class ModelInfo:
         return out
 
 
-def _input_size_from_keras_file(path: Path) -> tuple[int, int] | None:
-    """The first input layer's (h, w) from a .keras archive's config.json, without Keras."""
+def _keras_file_config(path: Path) -> dict | None:
+    """A .keras archive's config.json, without Keras (None when unreadable)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            config = json.loads(archive.read("config.json"))
+            return json.loads(archive.read("config.json"))
     except (OSError, KeyError, zipfile.BadZipFile, ValueError):
+        return None
+
+
+_GLOBAL_POOLINGS = ("GlobalAveragePooling2D", "GlobalMaxPooling2D")
+
+
+def global_context_layer(config: dict | None) -> str | None:
+    """The first global pooling of a model config when it has more than one: the last one
+    ends the trunk (the head's), any earlier one is a squeeze-excitation inside the trunk.
+    (A single squeeze-excitation before a Flatten head is not seen here; the worker refuses it.)"""
+    found = []
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("class_name") in _GLOBAL_POOLINGS and isinstance(node.get("config"), dict):
+                found.append(str(node["config"].get("name", "")))
+            stack.extend(reversed(list(node.values())))
+        elif isinstance(node, list):
+            stack.extend(reversed(node))
+    return found[0] if len(found) > 1 else None
+
+
+def _input_size_from_keras_file(path: Path) -> tuple[int, int] | None:
+    """The first input layer's (h, w) from a .keras archive's config.json, without Keras."""
+    config = _keras_file_config(path)
+    if config is None:
         return None
     stack = [config]
     while stack:
@@ -160,6 +190,7 @@ def load_sidecar(sidecar: Path) -> ModelInfo:
         input_size=(int(size[0]), int(size[1])),
         output_stride=meta.get("output_stride"),
         description=str(meta.get("description", "")),
+        global_context=global_context_layer(_keras_file_config(path)) if path and path.suffix == ".keras" else None,
     )
 
 

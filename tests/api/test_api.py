@@ -299,3 +299,44 @@ def test_database_down_is_503_never_500(tmp_path, redis_server):
         assert response.json["error"]["code"] in ("database_unavailable", "not_ready")
     assert _storage_files(stack.app) == []  # the refused upload was not kept
     stack.close()
+
+
+def test_direct_mode_accepts_the_finer_strides(app, client):
+    """Direct mode: the output stride (16 for the bundled model) divided by 1, 2, 4 or 8."""
+    for stride in ("16", "8", "4", "2"):
+        response = _post(client, files=[("image", (io.BytesIO(GOOD), "a.png"))], data={"stride": stride})
+        assert response.status_code == 202, response.json
+        job = client.get(f"/api/v1/jobs/{response.json['id']}").json
+        assert job["params"]["stride"] == int(stride) and job["params"]["mode"] == "direct"
+
+
+def _squeeze_excitation_model(folder):
+    """A real .keras classifier with a squeeze-excitation block in its trunk, and its sidecar."""
+    import json
+
+    import keras
+
+    layers = keras.layers
+    inputs = keras.Input((32, 32, 3))
+    x = layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    se = layers.GlobalAveragePooling2D(name="block1_se_squeeze")(x)
+    se = layers.Reshape((1, 1, 8))(layers.Dense(8, activation="sigmoid")(se))
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(layers.Multiply()([x, se]))
+    folder.mkdir()
+    keras.Model(inputs, layers.Dense(2, activation="softmax")(x)).save(folder / "senet.keras")
+    (folder / "senet.json").write_text(json.dumps({"classes": ["a", "b"], "preprocess": "tf"}))
+
+
+def test_squeeze_excitation_model_refused_in_direct_mode_at_submission(tmp_path, redis_server):
+    from conftest import Stack, make_database
+
+    _squeeze_excitation_model(tmp_path / "user_models")
+    stack = Stack(tmp_path, make_database("sqlite", tmp_path), redis_server, models_dir=tmp_path / "user_models")
+    client = stack.client()
+    refused = stack.submit(client, GOOD, model="senet", mode="direct")
+    assert refused.status_code == 400
+    assert refused.json["error"]["code"] == "invalid_parameter"
+    assert "block1_se_squeeze" in refused.json["error"]["message"]
+    assert "mode=tiled" in refused.json["error"]["message"]
+    assert stack.submit(client, GOOD, model="senet", mode="tiled").status_code == 202
+    stack.close()
