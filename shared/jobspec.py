@@ -236,12 +236,6 @@ def validate_params(
     mode = raw.get("mode") or "direct"
     if mode not in MODES:
         raise ParameterError("invalid_parameter", f"mode must be one of {', '.join(MODES)}, got {str(mode)[:40]!r}")
-    if mode == "direct" and info.global_context:
-        raise ParameterError(
-            "invalid_parameter",
-            f"direct mode cannot run model {info.name!r}: its layer {info.global_context[:80]!r} pools over the "
-            "whole image inside the network (squeeze-excitation), so tiles cannot be exact; use mode=tiled",
-        )
     stride = _stride(raw.get("stride"), mode, info)
     batch_size = raw.get("batch_size")
     batch_size = (
@@ -290,6 +284,13 @@ def validate_params(
 
 
 def _stride(stride: Any, mode: str, info: ModelInfo) -> int | None:
+    """The stride, after refusing direct mode for a model whose trunk sees the whole image."""
+    if mode == "direct" and info.global_context:
+        raise ParameterError(
+            "invalid_parameter",
+            f"direct mode cannot run model {info.name!r}: its layer {info.global_context[:80]!r} pools over the "
+            "whole image inside the network (squeeze-excitation), so tiles cannot be exact; use mode=tiled",
+        )
     if stride in (None, ""):
         return None
     value = _integer("stride", stride, 1, min(info.input_size))
