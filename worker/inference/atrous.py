@@ -89,6 +89,8 @@ class AtrousTrunk:
             return self._windowed(op, fine)
         if isinstance(op, (layers.ZeroPadding2D, layers.Cropping2D)):
             return _pad_or_crop(op, fine)
+        if isinstance(op, layers.Dense) and len(fine.value.shape) == 4:
+            return None  # a Dense over a map's channels (ConvNeXt's pointwise layers) is per-pixel
         if isinstance(op, (layers.GlobalAveragePooling2D, layers.GlobalMaxPooling2D, layers.Reshape, layers.Dense)):
             raise UnsupportedModelError(f"layer {name} needs the whole image: no finer stride in direct mode")
         return None  # per-pixel: the caller applies it as it is
@@ -147,8 +149,10 @@ def _replay(atrous: AtrousTrunk, graph_model, start: _Fine) -> _Fine:
         fines = [a for a in keras.tree.flatten((args, kwargs)) if isinstance(a, _Fine)]
         if not fines:
             raise UnsupportedModelError(f"layer {op.name!r} has no image input")
-        if len({(f.dilation, f.coarse) for f in fines}) > 1:
-            raise UnsupportedModelError(f"layer {op.name!r} merges tensors of different strides")
+        if len({(f.dilation, f.coarse, tuple(f.value.shape[1:3])) for f in fines}) > 1:
+            raise UnsupportedModelError(
+                f"layer {op.name!r} merges tensors of different sizes at a finer stride; use the native stride"
+            )
         if len(fines) == 1:
             converted = atrous.layer(op, fines[0])
             if converted is not None:

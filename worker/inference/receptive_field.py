@@ -197,7 +197,7 @@ _ELEMENTWISE_OPS = frozenset(
         "Cast",
     )
 )
-_APPLICATION_LAYERS = frozenset(("LayerScale", "StochasticDepth"))
+_APPLICATION_LAYERS = frozenset(("LayerScale", "StochasticDepth", "CustomScaleLayer"))
 
 
 def _is_elementwise(op) -> bool:
