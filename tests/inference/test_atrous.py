@@ -180,3 +180,17 @@ def test_registry_builds_each_finer_network_once():
     assert fine.stride == (4, 4) and loaded.fcn_at(4) is fine
     with pytest.raises(ParameterError):
         loaded.fcn_at(6)
+
+
+def test_tiles_grow_when_the_halo_would_dominate(shapes_fcn):
+    """A budget too small for the receptive field: tiles are raised so that the halo at most
+    doubles a tile's side, the summary's figures say so, and the scores stay exact."""
+    image = random_image(640, 600)
+    budget = 0.05  # MB: by the budget alone a tile would be a few cells inside a wide halo
+    assert tile_cells_for_budget(shapes_fcn, budget) < 4
+    grid = direct_inference(shapes_fcn, image, TF, memory_budget_mb=budget, scheme="tiles")
+    assert grid.tile_raised_for_halo and grid.tiles_read > 1
+    assert 1.0 < grid.halo_overhead <= 4.5
+    whole = direct_inference(shapes_fcn, image, TF, tile_cells=WHOLE)
+    assert whole.halo_overhead == 1.0 and not whole.tile_raised_for_halo
+    assert_close_scaled(grid.scores, whole.scores, tol=1e-4)

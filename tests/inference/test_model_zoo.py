@@ -29,7 +29,7 @@ WHOLE = 10**9
 ZOO = {
     "VGG16": (apps.VGG16, 32, False, 260),
     "VGG19": (apps.VGG19, 32, False, None),
-    "ResNet50": (apps.ResNet50, 32, False, 600),
+    "ResNet50": (apps.ResNet50, 32, False, None),
     "ResNet50V2": (apps.ResNet50V2, 32, False, None),
     "MobileNet": (apps.MobileNet, 32, False, None),
     "MobileNetV2": (apps.MobileNetV2, 32, False, None),

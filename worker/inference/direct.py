@@ -203,6 +203,8 @@ def direct_inference(
         tiles_read=work[0],
         tiles_skipped=work[1],
         scheme="tiles" if stages is None else "rows",
+        halo_overhead=work[2],
+        tile_raised_for_halo=work[3],
     )
 
 
@@ -241,21 +243,43 @@ def _stream_trunk(fcn: FullyConvolutional, raster: Raster, preprocess, stages, b
 
     for features in stream_rows(stages, bands()):
         stream.add(features)
-    return len(chunks), 0
+    return len(chunks), 0, 1.0, False  # every pixel through the trunk once: no halo
 
 
 def _tile_trunk(fcn: FullyConvolutional, raster: Raster, preprocess, tile_cells, budget_mb, computed, stream, progress):
     """The ``tiles`` scheme: tiles with halos, stitched into the head; returns (tiles read, tiles skipped)."""
     cells_y, cells_x = fcn.trunk_cells(raster.height, raster.width)
+    raised = False
     if tile_cells is None:
         tile_cells = _default_tile_cells(fcn, budget_mb)
+        floor = halo_floor_cells(fcn)
+        raised = tile_cells < floor and max(raster.height, raster.width) > tile_cells * max(fcn.stride)
+        tile_cells = max(tile_cells, floor)
     uniform = _uniform_tiles()
     spans_y = plan_axis(raster.height, fcn.stride[0], fcn.halo[0], cells_y, tile_cells, uniform, fcn.align[0])
     spans_x = plan_axis(raster.width, fcn.stride[1], fcn.halo[1], cells_x, tile_cells, uniform, fcn.align[1])
     plan = _TilePlan(spans_y, spans_x, _needed_cells(computed, fcn.head_span, (cells_y, cells_x)))
     for band in _trunk_bands(fcn, raster, preprocess, spans_y, plan, cells_x, progress):
         stream.add(band)
-    return plan.total, len(spans_y) * len(spans_x) - plan.total
+    computed = sum(
+        (sy.pixel_stop - sy.pixel_start) * (sx.pixel_stop - sx.pixel_start)
+        for sy in spans_y
+        for sx in spans_x
+        if plan.wanted(sy, sx)
+    )
+    needed = raster.height * raster.width
+    overhead = computed / needed if plan.needed is None else None  # under a mask: tiles_skipped says more
+    return plan.total, len(spans_y) * len(spans_x) - plan.total, overhead, raised
+
+
+def halo_floor_cells(fcn: FullyConvolutional) -> int:
+    """Fewest cells per tile side so that a tile's halo at most doubles its side (at most 4x
+    the pixels of its own cells): below that the halo dominates and the image is recomputed
+    many times (a receptive field far larger than the tile the budget allows)."""
+    align, jump = max(fcn.align), max(fcn.stride)
+    halo_px = math.ceil(max(fcn.halo) / align) * align
+    step = align // jump
+    return max(step, math.ceil(2 * halo_px / jump / step) * step)
 
 
 def _uniform_tiles() -> bool:
