@@ -200,11 +200,8 @@ def direct_inference(
         stride=fcn.stride,
         class_indices=np.arange(head_channels, dtype=np.int64) if selection is None else selection,
         computed=computed,
-        tiles_read=work[0],
-        tiles_skipped=work[1],
         scheme="tiles" if stages is None else "rows",
-        halo_overhead=work[2],
-        tile_raised_for_halo=work[3],
+        **dict(zip(("tiles_read", "tiles_skipped", "halo_overhead", "tile_raised_for_halo"), work, strict=True)),
     )
 
 
