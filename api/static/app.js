@@ -170,11 +170,6 @@
     $("top_k").max = topK.maximum;
     $("top_k").value = topK.default;
     $("top_k-limits").textContent = limitsText(topK, topK.maximum);
-    if ($("mode") && $("field-stride")) {
-      const sync = () => ($("field-stride").hidden = $("mode").value !== "tiled");
-      $("mode").addEventListener("change", sync);
-      sync();
-    }
   }
 
   function showModel(model) {
@@ -192,7 +187,12 @@
     const window = Math.min(model.input_size.width, model.input_size.height);
     if ($("stride")) {
       $("stride").max = window;
-      $("stride-limits").textContent = "1 to " + window + " (the window), default " + Math.floor(window / 2);
+      const direct = model.output_stride
+        ? "; direct: " + [1, 2, 4, 8].map((f) => model.output_stride / f).filter(Number.isInteger).join(", ") +
+          " (default " + model.output_stride + ")"
+        : "";
+      $("stride-limits").textContent =
+        "tiled: 1 to " + window + " (the window), default " + Math.floor(window / 2) + direct;
     }
     $("top_k").max = Math.min(Number(config.fields.find((f) => f.name === "top_k").maximum), model.num_classes);
   }
