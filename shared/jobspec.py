@@ -64,8 +64,8 @@ FORM_FIELDS: tuple[FormField, ...] = (
         "stride",
         "integer",
         "pixels between windows. tiled mode: 1 to the window, default half the window; direct mode: the "
-        "model's output stride divided by 2, 4 or 8 (a finer exact grid: the last blocks run a trous, "
-        "about 2x the work per halving on VGG16), default the output stride",
+        "model's output stride divided by 2, 4 or 8 (a finer exact grid: only the blocks after the "
+        "last kept downsampling and the head run on the extra positions, a trous), default the output stride",
         minimum=1,
     ),
     FormField(
