@@ -100,12 +100,6 @@ class AtrousTrunk:
         geo = [_axis(fine, a, kernel[a], stride[a], dilation[a], op.padding, self.cut[a]) for a in range(2)]
         dil = tuple(g["dilation"] for g in geo)
         new_stride = tuple(g["stride"] for g in geo)
-        out = _Fine(
-            None,
-            tuple(g["out_dilation"] for g in geo),
-            tuple(g["out_coarse"] for g in geo),
-            tuple(g["jump"] for g in geo),
-        )
         if fine.dilation == (1, 1) and new_stride == stride:
             value = op(fine.value, training=False)  # before the cut: the layer as it is
         else:
@@ -116,7 +110,12 @@ class AtrousTrunk:
                 value = self._twin(op, dil, new_stride, padded.shape)(padded, training=False)
             value = value[:, : geo[0]["out_fine"], : geo[1]["out_fine"]]
         self._measure(value)
-        return _Fine(value, out.dilation, out.coarse, out.jump)
+        return _Fine(
+            value,
+            tuple(g["out_dilation"] for g in geo),
+            tuple(g["out_coarse"] for g in geo),
+            tuple(g["jump"] for g in geo),
+        )
 
     def _twin(self, op, dilation, stride, shape):
         """`op` as a 'valid' layer with the given dilation and stride, sharing its weights (built once)."""
@@ -247,17 +246,16 @@ def _dilated_pool(op, padded, original, geo, kernel, dilation, stride):
 
 def _pad_or_crop(op, fine: _Fine) -> _Fine:
     """ZeroPadding2D / Cropping2D on a converted tensor: the same cells, ``dilation`` times."""
+    padding = isinstance(op, layers.ZeroPadding2D)
+    (top, bottom), (left, right) = op.padding if padding else op.cropping
+    dy, dx = fine.dilation
     if fine.dilation == (1, 1):
         value = op(fine.value)
-        (top, bottom), (left, right) = op.padding if isinstance(op, layers.ZeroPadding2D) else op.cropping
+    elif padding:
+        value = keras.ops.pad(fine.value, [[0, 0], [dy * top, dy * bottom], [dx * left, dx * right], [0, 0]])
     else:
-        (top, bottom), (left, right) = op.padding if isinstance(op, layers.ZeroPadding2D) else op.cropping
-        dy, dx = fine.dilation
-        if isinstance(op, layers.ZeroPadding2D):
-            value = keras.ops.pad(fine.value, [[0, 0], [dy * top, dy * bottom], [dx * left, dx * right], [0, 0]])
-        else:
-            h, w = int(fine.value.shape[1]), int(fine.value.shape[2])
-            value = fine.value[:, dy * top : h - dy * bottom, dx * left : w - dx * right]
-    sign = 1 if isinstance(op, layers.ZeroPadding2D) else -1
+        h, w = int(fine.value.shape[1]), int(fine.value.shape[2])
+        value = fine.value[:, dy * top : h - dy * bottom, dx * left : w - dx * right]
+    sign = 1 if padding else -1
     coarse = (fine.coarse[0] + sign * (top + bottom), fine.coarse[1] + sign * (left + right))
     return _Fine(value, fine.dilation, coarse, fine.jump)
