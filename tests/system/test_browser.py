@@ -374,3 +374,24 @@ def test_a_failed_job_shows_its_error(page, web_stack):
     assert page.inner_text("#job-error").startswith("corrupt_image: ")
     assert page.locator("#result").is_hidden() and page.locator("#delete-job").is_visible()
     page.screenshot(path=ARTIFACTS / "failed.png")
+
+
+def test_form_submits_a_finer_direct_stride(page, web_stack, tmp_path):
+    """Direct mode at half the output stride is one form field away: stride is shown in
+    direct mode with the model's choices, and the job runs with it."""
+    page.goto("/")
+    page.wait_for_selector("#key-panel:not([hidden])")
+    _enter_key(page, KEYS["alice"])
+    page.wait_for_selector("#submit-form:not([hidden])")
+    picture = tmp_path / "flat.png"
+    picture.write_bytes(png_bytes(np.full((128, 128, 3), 120, np.uint8)))
+    page.set_input_files("#image", str(picture))
+    page.select_option("#model", "shapes")
+    page.select_option("#mode", "direct")
+    assert page.is_visible("#stride")
+    assert "direct: 16, 8, 4, 2" in page.inner_text("#stride-limits")
+    page.fill("#stride", "8")
+    page.click("#submit-button")
+    page.wait_for_url("**/jobs/*")
+    job = web_stack.client().get(f"/api/v1/jobs/{page.url.rsplit('/', 1)[1]}").json
+    assert job["params"]["mode"] == "direct" and job["params"]["stride"] == 8
