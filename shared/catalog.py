@@ -75,6 +75,9 @@ class ModelInfo:
     output_stride: int | None
     description: str
     background_classes: tuple[str, ...] = ()
+    # A layer of the trunk that sees the whole image (squeeze-excitation), read from the
+    # model file without Keras: direct mode is refused at submission (None: none found).
+    global_context: str | None = None
 
     def public(self) -> dict:
         return {
@@ -148,6 +151,26 @@ def _input_size_from_config(config: dict) -> tuple[int, int] | None:
         elif isinstance(node, list):
             stack.extend(node)
     return None
+
+
+_GLOBAL_POOLINGS = ("GlobalAveragePooling2D", "GlobalMaxPooling2D")
+
+
+def global_context_layer(config: dict | None) -> str | None:
+    """The first global pooling of a model config when it has more than one: the last one
+    ends the trunk (the head's), any earlier one is a squeeze-excitation inside the trunk.
+    (A single squeeze-excitation before a Flatten head is not seen here; the worker refuses it.)"""
+    found = []
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("class_name") in _GLOBAL_POOLINGS and isinstance(node.get("config"), dict):
+                found.append(str(node["config"].get("name", "")))
+            stack.extend(reversed(list(node.values())))
+        elif isinstance(node, list):
+            stack.extend(reversed(node))
+    return found[0] if len(found) > 1 else None
 
 
 def _output_units_from_config(config: dict) -> int | None:
@@ -241,6 +264,7 @@ def load_sidecar(sidecar: Path) -> ModelInfo:
         output_stride=meta.get("output_stride"),
         description=str(meta.get("description", "")),
         background_classes=_background_classes(sidecar, meta, classes),
+        global_context=global_context_layer(config),
     )
 
 

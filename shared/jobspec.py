@@ -30,6 +30,8 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 # How direct mode computes the trunk (worker.inference.direct): "rows" streams full-width row bands layer
 # by layer (no halo recomputation), "tiles" uses tiles with halos; "auto" picks per job.
 DIRECT_SCHEMES = ("auto", "rows", "tiles")
+# Direct mode's finer grids: the output stride divided by these (worker.inference.atrous).
+DIRECT_STRIDE_FACTORS = (1, 2, 4, 8)
 DEFAULT_TOP_K = 3
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_THRESHOLD = 0.5
@@ -58,7 +60,14 @@ FORM_FIELDS: tuple[FormField, ...] = (
         "model", "string", "catalogue name (GET /api/v1/models); default: the service's default model", max_length=200
     ),
     FormField("mode", "string", "direct: fully convolutional; tiled: sliding window", MODES, "direct"),
-    FormField("stride", "integer", "tiled mode: pixels between windows; default half the window", minimum=1),
+    FormField(
+        "stride",
+        "integer",
+        "pixels between windows. tiled mode: 1 to the window, default half the window; direct mode: the "
+        "model's output stride divided by 2, 4 or 8 (a finer exact grid: only the blocks after the "
+        "last kept downsampling and the head run on the extra positions, a trous), default the output stride",
+        minimum=1,
+    ),
     FormField(
         "batch_size",
         "integer",
@@ -145,7 +154,7 @@ class JobParams:
 
     model: str
     mode: str = "direct"
-    stride: int | None = None  # tiled mode only; default half the window
+    stride: int | None = None  # tiled: default half the window; direct: output stride / 1, 2, 4 or 8
     batch_size: int = DEFAULT_BATCH_SIZE  # tiled mode: windows per forward call
     top_k: int | None = DEFAULT_TOP_K  # used when class_indices is None
     class_indices: tuple[int, ...] | None = None
@@ -227,7 +236,7 @@ def validate_params(
     mode = raw.get("mode") or "direct"
     if mode not in MODES:
         raise ParameterError("invalid_parameter", f"mode must be one of {', '.join(MODES)}, got {str(mode)[:40]!r}")
-    stride = _stride(raw.get("stride"), mode, info.input_size)
+    stride = _stride(raw.get("stride"), mode, info)
     batch_size = raw.get("batch_size")
     batch_size = (
         DEFAULT_BATCH_SIZE if batch_size in (None, "") else _integer("batch_size", batch_size, 1, max_batch_size)
@@ -274,14 +283,34 @@ def validate_params(
     )
 
 
-def _stride(stride: Any, mode: str, window: tuple[int, int]) -> int | None:
+def _stride(stride: Any, mode: str, info: ModelInfo) -> int | None:
+    """The stride, after refusing direct mode for a model whose trunk sees the whole image."""
+    if mode == "direct" and info.global_context:
+        raise ParameterError(
+            "invalid_parameter",
+            f"direct mode cannot run model {info.name!r}: its layer {info.global_context[:80]!r} pools over the "
+            "whole image inside the network (squeeze-excitation), so tiles cannot be exact; use mode=tiled",
+        )
     if stride in (None, ""):
         return None
-    if mode != "tiled":
+    value = _integer("stride", stride, 1, min(info.input_size))
+    if mode == "direct" and info.output_stride:
+        direct_stride_factor((info.output_stride, info.output_stride), value)
+    return value
+
+
+def direct_stride_factor(native: tuple[int, int], stride: int) -> int:
+    """How much finer than the network's own `native` stride a direct-mode `stride` is (1, 2, 4
+    or 8: ``DIRECT_STRIDE_FACTORS``); ParameterError for any other stride."""
+    allowed = [native[0] // f for f in DIRECT_STRIDE_FACTORS if native[0] % f == 0 and native[1] == native[0]]
+    if stride not in allowed:
+        choices = ", ".join(str(v) for v in allowed) or "none (the model's stride is not square)"
         raise ParameterError(
-            "invalid_parameter", "stride applies to mode=tiled; direct mode uses the network's own stride"
+            "invalid_parameter",
+            f"direct mode: stride must be the model's output stride {native[0]} or a divisor of it by 2, 4 or 8 "
+            f"({choices}); use mode=tiled for any other stride",
         )
-    return _integer("stride", stride, 1, min(window))
+    return native[0] // stride
 
 
 def _resolution(raw: Mapping[str, Any]) -> tuple[int | None, float | None]:

@@ -88,7 +88,7 @@ def compute_grid(
     """Scores in analysis pixels; `image` is read tile by tile (or batch by batch)."""
     if params.mode == "direct":
         return direct_inference(
-            loaded.fcn,
+            loaded.fcn_at(params.stride),
             image,
             loaded.preprocess,
             memory_budget_mb=params.memory_budget_mb,
@@ -267,7 +267,14 @@ def _grid_summary(grid: ScoreGrid) -> dict:
         "stride": {"y": int(grid.stride[0]), "x": int(grid.stride[1])},
         # Direct mode: how the trunk ran ("rows": streamed, no halo; "tiles": with halos).
         **({"direct_scheme": grid.scheme} if grid.scheme is not None else {}),
+        **(_direct_summary(grid) if grid.scheme is not None else {}),
     }
+
+
+def _direct_summary(grid: ScoreGrid) -> dict:
+    """How much of the trunk's work was halo, and whether the tiles outgrew the budget for it."""
+    overhead = None if grid.halo_overhead is None else round(grid.halo_overhead, 4)
+    return {"halo_overhead": overhead, "tile_raised_for_halo": grid.tile_raised_for_halo}
 
 
 def _class_summaries(grid: ScoreGrid, names: list[str], overlays: list[str]) -> list[dict]:

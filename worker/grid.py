@@ -31,6 +31,8 @@ class ScoreGrid:
     tiles_read: int = 0  # units of work done (trunk tiles or window batches)
     tiles_skipped: int = 0  # units a mask made unnecessary (never read)
     scheme: str | None = None  # direct mode: "rows" or "tiles" (worker.inference.direct); None in tiled mode
+    halo_overhead: float | None = None  # direct mode: trunk pixels computed / image pixels (halos recomputed)
+    tile_raised_for_halo: bool = False  # direct mode: tiles made larger than the budget so halos do not dominate
 
     def select(self, class_indices) -> ScoreGrid:
         """Keep only the given model output indices (in that order)."""

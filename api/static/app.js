@@ -264,8 +264,14 @@
     const window = Math.min(model.input_size.width, model.input_size.height);
     if ($("stride")) {
       const tiled = !$("mode") || $("mode").value === "tiled";
-      $("stride").max = tiled ? window : "";
-      $("stride-limits").textContent = tiled ? "1 to " + window + " (the window), default " + Math.floor(window / 2) : "";
+      const choices = model.output_stride
+        ? [1, 2, 4, 8].map((f) => model.output_stride / f).filter(Number.isInteger).join(", ") +
+          " (default " + model.output_stride + ")"
+        : "the output stride divided by 1, 2, 4 or 8";
+      $("stride").max = tiled ? window : model.output_stride || "";
+      $("stride-limits").textContent = tiled
+        ? "1 to " + window + " (the window), default " + Math.floor(window / 2)
+        : "direct: " + choices;
     }
     const bound = topKBound(model);
     const topK = config.fields.find((f) => f.name === "top_k");

@@ -124,7 +124,7 @@ def test_pixel_limit_is_exact(tmp_path, redis_server):
         ({"mode": "tiled", "stride": "100000"}, "invalid_parameter"),
         ({"mode": "tiled", "stride": "abc"}, "invalid_parameter"),
         ({"mode": "tiled", "stride": "1e3"}, "invalid_parameter"),
-        ({"stride": "16"}, "invalid_parameter"),  # stride is for tiled mode
+        ({"stride": "12"}, "invalid_parameter"),  # direct mode: the output stride (16) / 1, 2, 4 or 8
         ({"mode": "tiled", "batch_size": "0"}, "invalid_parameter"),
         ({"mode": "tiled", "batch_size": "-1"}, "invalid_parameter"),
         ({"mode": "tiled", "batch_size": "99999999"}, "invalid_parameter"),
@@ -327,3 +327,44 @@ def test_messages_tell_the_user_what_to_do(client):
     again = client.post(f"/api/v1/jobs/{job['id']}/cancel")
     assert again.status_code == 409 and again.json["error"]["code"] == "job_finished"
     assert again.json["error"]["message"] == "the job has already ended (canceled); there is nothing to cancel"
+
+
+def test_direct_mode_accepts_the_finer_strides(app, client):
+    """Direct mode: the output stride (16 for the bundled model) divided by 1, 2, 4 or 8."""
+    for stride in ("16", "8", "4", "2"):
+        response = _post(client, files=[("image", (io.BytesIO(GOOD), "a.png"))], data={"stride": stride})
+        assert response.status_code == 202, response.json
+        job = client.get(f"/api/v1/jobs/{response.json['id']}").json
+        assert job["params"]["stride"] == int(stride) and job["params"]["mode"] == "direct"
+
+
+def _squeeze_excitation_model(folder):
+    """A real .keras classifier with a squeeze-excitation block in its trunk, and its sidecar."""
+    import json
+
+    import keras
+
+    layers = keras.layers
+    inputs = keras.Input((32, 32, 3))
+    x = layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    se = layers.GlobalAveragePooling2D(name="block1_se_squeeze")(x)
+    se = layers.Reshape((1, 1, 8))(layers.Dense(8, activation="sigmoid")(se))
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(layers.Multiply()([x, se]))
+    folder.mkdir()
+    keras.Model(inputs, layers.Dense(2, activation="softmax")(x)).save(folder / "senet.keras")
+    (folder / "senet.json").write_text(json.dumps({"classes": ["a", "b"], "preprocess": "tf"}))
+
+
+def test_squeeze_excitation_model_refused_in_direct_mode_at_submission(tmp_path, redis_server):
+    from conftest import Stack, make_database
+
+    _squeeze_excitation_model(tmp_path / "user_models")
+    stack = Stack(tmp_path, make_database("sqlite", tmp_path), redis_server, models_dir=tmp_path / "user_models")
+    client = stack.client()
+    refused = stack.submit(client, GOOD, model="senet", mode="direct")
+    assert refused.status_code == 400
+    assert refused.json["error"]["code"] == "invalid_parameter"
+    assert "block1_se_squeeze" in refused.json["error"]["message"]
+    assert "mode=tiled" in refused.json["error"]["message"]
+    assert stack.submit(client, GOOD, model="senet", mode="tiled").status_code == 202
+    stack.close()

@@ -264,3 +264,13 @@ def test_models_command_lists_vgg16(main, capsys, monkeypatch, tmp_path):
     assert vgg["num_classes"] == 1000 and vgg["preprocess"] == "caffe"
     assert vgg["available"] is False and "VGG16_WEIGHTS" in vgg["reason"]
     assert next(m for m in listed if m["name"] == "shapes")["available"] is True
+
+
+def test_infer_direct_at_a_finer_stride(files, tmp_path, main):
+    """`--mode direct --stride 1`: the beach model's output stride (2) halved, one flag away."""
+    out = tmp_path / "out"
+    args = ["infer", str(files / "photo.png"), "--model", str(files / "beach.keras"), "--out", str(out)]
+    assert main([*args, "--mode", "direct", "--stride", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "direct" and summary["grid"]["stride"] == {"y": 1, "x": 1}
+    assert summary["grid"]["rows"] == 60 - 32 + 1 and summary["grid"]["cols"] == 75 - 32 + 1

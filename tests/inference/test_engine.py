@@ -264,7 +264,7 @@ def test_catalog_unknown_class_direct(info):
         {"weighting": "median"},
         {"memory_budget_mb": "lots"},
         {"memory_budget_mb": 1},
-        {"mode": "direct", "stride": 8},  # stride is a tiled-mode parameter
+        {"mode": "direct", "stride": 33},  # larger than the window (a divisor of the stride is checked by the worker)
         {"top_k": 2, "classes": "apple"},  # either, not both
         {"classes": " , "},
     ],
@@ -408,3 +408,28 @@ def test_overlay_png_and_viewer_share_each_class_colour_scale(registry, info, im
             png[entry["name"]]["high"],
             png[entry["name"]]["near_chance"],
         )
+
+
+def test_direct_mode_at_a_finer_stride_end_to_end(registry, info, image_path, pixels, tmp_path):
+    """stride = output stride / 2 in direct mode: the outputs carry the finer grid, and every
+    cell (an all-'valid' trunk) equals the classifier on its window."""
+    params, summary = run(registry, info, image_path, tmp_path, mode="direct", stride=2, classes="apple,date")
+    data = load_npz(tmp_path)
+    assert list(data["stride"]) == [2, 2] and summary["grid"]["stride"] == {"y": 2, "x": 2}
+    assert np.array_equal(data["rows"], np.arange(len(data["rows"])) * 2)
+    assert summary["grid"]["direct_scheme"] == "tiles"
+    assert summary["grid"]["halo_overhead"] == 1.0 and summary["grid"]["tile_raised_for_halo"] is False
+    padded = np.pad(pixels, [(0, 32), (0, 32), (0, 0)])  # pixels a 'valid' trunk never reads
+    expected = crops_predict(registry, padded, data["rows"], data["cols"])[..., list(params.class_indices)]
+    np.testing.assert_allclose(data["scores"], expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+    run(registry, info, image_path, tmp_path / "native", mode="direct", classes="apple,date")
+    native = load_npz(tmp_path / "native")
+    np.testing.assert_allclose(
+        data["scores"][::2, ::2][: native["scores"].shape[0]], native["scores"], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_direct_stride_that_is_no_divisor_fails_in_the_worker(registry, info, image_path, tmp_path):
+    """The sidecar gives no output_stride, so the API cannot check it: the worker refuses it."""
+    with pytest.raises(ParameterError, match="2, 4 or 8"):
+        run(registry, info, image_path, tmp_path, mode="direct", stride=3)

@@ -15,7 +15,7 @@ import pytest
 keras = pytest.importorskip("keras")
 layers = keras.layers
 
-from worker.inference.fcn import UnsupportedModelError, to_fully_convolutional  # noqa: E402
+from worker.inference.fcn import GlobalContextError, UnsupportedModelError, to_fully_convolutional  # noqa: E402
 from worker.inference.receptive_field import receptive_field  # noqa: E402
 
 # --------------------------------------------------------------------------- helpers
@@ -317,7 +317,7 @@ def _trunk(size=16):
     return inputs, x
 
 
-@pytest.mark.parametrize("bad", ["batchnorm", "layernorm", "lambda"])
+@pytest.mark.parametrize("bad", ["batchnorm", "reshape", "lambda"])
 def test_unsupported_head_layer_is_named(bad):
     inputs, x = _trunk()
     x = layers.Flatten()(x)
@@ -325,11 +325,12 @@ def test_unsupported_head_layer_is_named(bad):
         x = layers.BatchNormalization(name="head_bn")(x)
         x = layers.Dense(3, name="out")(x)
         expected = "head_bn"
-    elif bad == "layernorm":
+    elif bad == "reshape":
         x = layers.Dense(8, name="fc")(x)
-        x = layers.LayerNormalization(name="head_ln")(x)
+        x = layers.Reshape((2, 4), name="head_reshape")(x)  # not a 1x1 map: the cell is no longer a vector
+        x = layers.Flatten()(x)
         x = layers.Dense(3, name="out")(x)
-        expected = "head_ln"
+        expected = "head_reshape"
     else:
         x = layers.Dense(3, name="out")(x)
         x = layers.Lambda(lambda t: t * 2.0, name="head_lambda")(x)
@@ -354,10 +355,69 @@ def test_head_without_flatten_or_pooling_is_rejected():
         to_fully_convolutional(model)
 
 
-def test_head_without_dense_is_rejected():
+def test_head_of_only_global_pooling_converts_exactly():
+    """Global pooling alone is per-position after the window pooling: no Dense needed."""
+    keras.utils.set_random_seed(21)
     inputs, x = _trunk()
     model = keras.Model(inputs, layers.GlobalAveragePooling2D(name="gap")(x))
-    with pytest.raises(UnsupportedModelError, match="no Dense"):
+    fcn = to_fully_convolutional(model)
+    x = rand((2, 16, 16, 3), seed=21)
+    assert_close_scaled(fcn_cell(fcn, x), model.predict(x, verbose=0), 1e-5)
+
+
+def _per_position_head(kind, x):
+    """Heads of keras.applications families and of user models, on a global pooling."""
+    if kind == "mobilenetv3":  # GAP(keepdims) -> 1x1 conv -> hard-swish -> dropout -> 1x1 conv -> Flatten
+        x = layers.GlobalAveragePooling2D(keepdims=True)(x)
+        x = layers.Conv2D(12, 1, padding="same")(x)
+        x = layers.Activation("hard_swish")(x)
+        x = layers.Dropout(0.2)(x)
+        x = layers.Conv2D(4, 1, padding="same")(x)
+        return layers.Flatten()(x)
+    if kind == "mobilenet":  # GAP(keepdims) -> dropout -> 1x1 conv -> Reshape((classes,))
+        x = layers.GlobalAveragePooling2D(keepdims=True)(x)
+        x = layers.Conv2D(4, 1)(layers.Dropout(0.1)(x))
+        return layers.Reshape((4,))(x)
+    if kind == "convnext":  # GAP -> LayerNormalization -> Dense
+        x = layers.LayerNormalization(epsilon=1e-6)(layers.GlobalAveragePooling2D()(x))
+        return layers.Dense(4)(x)
+    # GAP -> Reshape (1, 1, C) -> BatchNorm -> Rescaling -> Flatten -> Dense -> LayerNorm -> Dense
+    x = layers.Reshape((1, 1, 8))(layers.GlobalMaxPooling2D()(x))
+    x = layers.BatchNormalization(beta_initializer="random_normal", moving_mean_initializer="random_normal")(x)
+    x = layers.Flatten()(layers.Rescaling(0.5, offset=0.1)(x))
+    x = layers.LayerNormalization()(layers.Dense(6, activation="relu")(x))
+    return layers.Dense(4)(x)
+
+
+@pytest.mark.parametrize("kind", ["mobilenetv3", "mobilenet", "convnext", "mixed"])
+def test_per_position_heads_convert_exactly(kind):
+    """Native size == predict; on a larger image every cell == the classifier on its crop
+    (a 'valid' trunk, so the crops see exactly the FCN's pixels)."""
+    keras.utils.set_random_seed(22)
+    inputs = keras.Input((24, 24, 3))
+    x = layers.Conv2D(8, 3, activation="relu")(inputs)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Conv2D(8, 3, activation="relu")(x)
+    model = keras.Model(inputs, _per_position_head(kind, x))
+    fcn = to_fully_convolutional(model)
+    x = rand((2, 24, 24, 3), seed=22)
+    assert_close_scaled(fcn_cell(fcn, x), model.predict(x, verbose=0), 1e-5)
+    big = rand((1, 30, 28, 3), seed=23)
+    out = predict(fcn.model, big)[0]
+    assert out.shape[:2] == (4, 3)
+    crops = np.stack([big[0, 2 * i : 2 * i + 24, 2 * j : 2 * j + 24] for i in range(4) for j in range(3)])
+    assert_close_scaled(out.reshape(12, -1), predict(model, crops), 1e-5)
+
+
+def test_squeeze_excitation_trunk_is_refused_naming_the_layer():
+    inputs = keras.Input((32, 32, 3))
+    x = layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    se = layers.GlobalAveragePooling2D(name="block_se_squeeze")(x)
+    se = layers.Reshape((1, 1, 8))(layers.Dense(8, activation="sigmoid")(se))
+    x = layers.Multiply()([x, se])
+    x = layers.GlobalAveragePooling2D()(layers.Conv2D(8, 3, strides=2)(x))
+    model = keras.Model(inputs, layers.Dense(3)(x))
+    with pytest.raises(GlobalContextError, match="block_se_squeeze.*mode=tiled"):
         to_fully_convolutional(model)
 
 

@@ -486,3 +486,24 @@ def test_canceled_is_neutral_and_retry_makes_a_new_job(page, web_stack):
     retry = page.url.rsplit("/", 1)[1]
     assert client.get(f"/api/v1/jobs/{retry}").json["retry_of"] == slow
     client.post(f"/api/v1/jobs/{retry}/cancel")
+
+
+def test_form_submits_a_finer_direct_stride(page, web_stack, tmp_path):
+    """Direct mode at half the output stride is one form field away: stride is shown in
+    direct mode with the model's choices, and the job runs with it."""
+    page.goto("/")
+    page.wait_for_selector("#key-panel:not([hidden])")
+    _enter_key(page, KEYS["alice"])
+    page.wait_for_selector("#submit-form:not([hidden])")
+    picture = tmp_path / "flat.png"
+    picture.write_bytes(png_bytes(np.full((128, 128, 3), 120, np.uint8)))
+    page.set_input_files("#image", str(picture))
+    page.select_option("#model", "shapes")
+    page.select_option("#mode", "direct")
+    assert page.is_visible("#stride")
+    assert "direct: 16, 8, 4, 2" in page.inner_text("#stride-limits")
+    page.fill("#stride", "8")
+    page.click("#submit-button")
+    page.wait_for_url("**/jobs/*")
+    job = web_stack.client().get(f"/api/v1/jobs/{page.url.rsplit('/', 1)[1]}").json
+    assert job["params"]["mode"] == "direct" and job["params"]["stride"] == 8

@@ -82,7 +82,13 @@ class Span:
 
 
 def plan_axis(
-    length: int, jump: int, halo: int, cells_total: int, cells_per_tile: int, uniform: bool = False
+    length: int,
+    jump: int,
+    halo: int,
+    cells_total: int,
+    cells_per_tile: int,
+    uniform: bool = False,
+    align: int | None = None,
 ) -> list[Span]:
     """Cut one axis of `length` pixels into tiles of at most `cells_per_tile` trunk cells.
 
@@ -91,21 +97,26 @@ def plan_axis(
     With `uniform`, every tile gets the largest tile's pixel size (the first one extends
     down, the others start earlier): more context never changes a cell, and a compiled
     trunk (JAX/XLA) then sees one shape instead of recompiling for the edge tiles.
+    `align` (a multiple of `jump`; default `jump`): tile origins and the remainder of their
+    sizes follow this modulus, the native stride of an a trous network (finer cells, same
+    'same' padding as the whole image).
     """
     if cells_per_tile <= 0:
         raise ValueError("cells_per_tile must be positive")
-    halo_px = math.ceil(halo / jump) * jump
+    align = align or jump
+    step = align // jump  # cells per alignment unit
+    halo_px = math.ceil(halo / align) * align
     if cells_per_tile >= cells_total or length <= cells_per_tile * jump + 2 * halo_px:
         return [Span(0, cells_total, 0, length)]
     count = math.ceil(cells_total / cells_per_tile)
-    size = math.ceil(cells_total / count)
+    size = math.ceil(math.ceil(cells_total / count) / step) * step
     spans = []
     for cell_start in range(0, cells_total, size):
         cell_stop = min(cells_total, cell_start + size)
         pixel_start = max(0, cell_start * jump - halo_px)
         pixel_stop = cell_stop * jump + halo_px
         if pixel_stop < length:
-            pixel_stop += (length - pixel_stop) % jump  # same remainder mod stride as the image
+            pixel_stop += (length - pixel_stop) % align  # same remainder mod stride as the image
         spans.append(Span(cell_start, cell_stop, pixel_start, min(pixel_stop, length)))
     if uniform:
         # Every size has the image's remainder mod the stride, so length - common is a multiple of it.
@@ -127,9 +138,11 @@ def tile_cells_for_budget(
     side = math.sqrt(budget_pixels if max_tile_pixels is None else min(budget_pixels, max_tile_pixels))
     halo = max(fcn.halo)
     jump = max(fcn.stride)
-    halo_px = math.ceil(halo / jump) * jump
+    align = max(fcn.align)
+    halo_px = math.ceil(halo / align) * align
     cells = int((side - 2 * halo_px) // jump)
-    return max(1, cells)
+    step = align // jump
+    return max(step, cells // step * step)
 
 
 def direct_inference(
@@ -187,9 +200,8 @@ def direct_inference(
         stride=fcn.stride,
         class_indices=np.arange(head_channels, dtype=np.int64) if selection is None else selection,
         computed=computed,
-        tiles_read=work[0],
-        tiles_skipped=work[1],
         scheme="tiles" if stages is None else "rows",
+        **dict(zip(("tiles_read", "tiles_skipped", "halo_overhead", "tile_raised_for_halo"), work, strict=True)),
     )
 
 
@@ -228,21 +240,43 @@ def _stream_trunk(fcn: FullyConvolutional, raster: Raster, preprocess, stages, b
 
     for features in stream_rows(stages, bands()):
         stream.add(features)
-    return len(chunks), 0
+    return len(chunks), 0, 1.0, False  # every pixel through the trunk once: no halo
 
 
 def _tile_trunk(fcn: FullyConvolutional, raster: Raster, preprocess, tile_cells, budget_mb, computed, stream, progress):
     """The ``tiles`` scheme: tiles with halos, stitched into the head; returns (tiles read, tiles skipped)."""
     cells_y, cells_x = fcn.trunk_cells(raster.height, raster.width)
+    raised = False
     if tile_cells is None:
         tile_cells = _default_tile_cells(fcn, budget_mb)
+        floor = halo_floor_cells(fcn)
+        raised = tile_cells < floor and max(raster.height, raster.width) > tile_cells * max(fcn.stride)
+        tile_cells = max(tile_cells, floor)
     uniform = _uniform_tiles()
-    spans_y = plan_axis(raster.height, fcn.stride[0], fcn.halo[0], cells_y, tile_cells, uniform)
-    spans_x = plan_axis(raster.width, fcn.stride[1], fcn.halo[1], cells_x, tile_cells, uniform)
-    plan = _TilePlan(spans_y, spans_x, _needed_cells(computed, fcn.feature_window, (cells_y, cells_x)))
+    spans_y = plan_axis(raster.height, fcn.stride[0], fcn.halo[0], cells_y, tile_cells, uniform, fcn.align[0])
+    spans_x = plan_axis(raster.width, fcn.stride[1], fcn.halo[1], cells_x, tile_cells, uniform, fcn.align[1])
+    plan = _TilePlan(spans_y, spans_x, _needed_cells(computed, fcn.head_span, (cells_y, cells_x)))
     for band in _trunk_bands(fcn, raster, preprocess, spans_y, plan, cells_x, progress):
         stream.add(band)
-    return plan.total, len(spans_y) * len(spans_x) - plan.total
+    computed = sum(
+        (sy.pixel_stop - sy.pixel_start) * (sx.pixel_stop - sx.pixel_start)
+        for sy in spans_y
+        for sx in spans_x
+        if plan.wanted(sy, sx)
+    )
+    needed = raster.height * raster.width
+    overhead = computed / needed if plan.needed is None else None  # under a mask: tiles_skipped says more
+    return plan.total, len(spans_y) * len(spans_x) - plan.total, overhead, raised
+
+
+def halo_floor_cells(fcn: FullyConvolutional) -> int:
+    """Fewest cells per tile side so that a tile's halo at most doubles its side (at most 4x
+    the pixels of its own cells): below that the halo dominates and the image is recomputed
+    many times (a receptive field far larger than the tile the budget allows)."""
+    align, jump = max(fcn.align), max(fcn.stride)
+    halo_px = math.ceil(max(fcn.halo) / align) * align
+    step = align // jump
+    return max(step, math.ceil(2 * halo_px / jump / step) * step)
 
 
 def _uniform_tiles() -> bool:
@@ -259,8 +293,12 @@ def _default_tile_cells(fcn: FullyConvolutional, budget_mb: float) -> int:
 
 def _streaming_stages(fcn: FullyConvolutional, height, width, memory_budget_mb, scheme, tile_cells, computed):
     """The trunk's stream stages when the ``rows`` scheme runs, None for ``tiles`` (see the module docstring)."""
+    if scheme == "rows" and fcn.dilation > 1:
+        raise ValueError("the rows scheme runs the native stride only; a finer stride needs the tiles scheme")
     if scheme == "tiles" or (scheme == "auto" and (tile_cells is not None or computed is not None)):
         return None
+    if fcn.dilation > 1:
+        return None  # a trous trunk (worker.inference.atrous): tiles only
     if scheme == "auto":
         if keras.backend.backend() == "jax":
             return None
@@ -320,7 +358,7 @@ class _TilePlan:
 
 
 def _needed_cells(computed: np.ndarray | None, feature_window: tuple[int, int], cells: tuple[int, int]):
-    """Trunk cells under the feature window of any computed output cell (a box dilation)."""
+    """Trunk cells under the head span (`feature_window`) of any computed output cell (a box dilation)."""
     if computed is None:
         return None
     fh, fw = feature_window
@@ -339,7 +377,7 @@ def _trunk_bands(fcn: FullyConvolutional, raster: Raster, preprocess, spans_y, p
 
     Tiles no kept window needs are neither read nor computed (their cells stay zero).
     """
-    channels = int(fcn.trunk.output.shape[-1])
+    channels = fcn.feature_channels
     tiles = [(sy, sx) for sy in spans_y for sx in plan.spans_x if plan.wanted(sy, sx)]
     boxes = [(sy.pixel_start, sy.pixel_stop, sx.pixel_start, sx.pixel_stop) for sy, sx in tiles]
     crops = _prefetched(raster, preprocess, boxes, [0, plan.total, progress])
@@ -380,15 +418,16 @@ class _HeadStream:
 
     def add(self, band: np.ndarray) -> None:
         """Append a band of feature rows; compute every score row they complete, in chunks of `head_rows`."""
-        fh = self.fcn.feature_window[0]
+        fh, fw = self.fcn.head_span
+        total = self.scores.shape[0]
         self.buffer = band if self.buffer is None else np.concatenate([self.buffer, band], axis=0)
         available = self.buffer_start + self.buffer.shape[0]
-        while self.next_out + fh <= available:
-            stop = min(available - fh + 1, self.next_out + self.head_rows)
+        while self.next_out < total and self.next_out + fh <= available:
+            stop = min(available - fh + 1, self.next_out + self.head_rows, total)
             for c0, c1 in self._column_runs(self.next_out, stop):
                 rows_in = self.buffer[
                     self.next_out - self.buffer_start : stop - self.buffer_start + fh - 1,
-                    c0 : c1 + self.fcn.feature_window[1] - 1,
+                    c0 : c1 + fw - 1,
                 ]
                 out = self.fcn.apply_head(rows_in[None])
                 self.scores[self.next_out : stop, c0:c1] = out if self.selection is None else out[..., self.selection]
@@ -412,5 +451,5 @@ class _HeadStream:
         wanted = np.flatnonzero(self.computed[start:stop].any(axis=0))
         if wanted.size == 0:
             return []
-        breaks = np.flatnonzero(np.diff(wanted) > self.fcn.feature_window[1]) + 1
+        breaks = np.flatnonzero(np.diff(wanted) > self.fcn.head_span[1]) + 1
         return [(int(run[0]), int(run[-1]) + 1) for run in np.split(wanted, breaks)]

@@ -26,12 +26,14 @@ mode can cut an image into tiles with a large enough halo.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import keras
 import numpy as np
 
+from worker.inference.atrous import AtrousTrunk
 from worker.inference.receptive_field import (
+    GlobalContextError,
     ReceptiveField,
     UnsupportedModelError,
     as_functional,
@@ -39,7 +41,7 @@ from worker.inference.receptive_field import (
     receptive_field,
 )
 
-__all__ = ["FullyConvolutional", "UnsupportedModelError", "to_fully_convolutional"]
+__all__ = ["FullyConvolutional", "GlobalContextError", "UnsupportedModelError", "to_fully_convolutional"]
 
 layers = keras.layers
 
@@ -99,7 +101,23 @@ class FullyConvolutional:
     head_kind: str  # "flatten" | "global_average" | "global_max"
     bytes_per_pixel: float  # largest trunk activation, float32 bytes per input pixel
     window_conv: layers.Conv2D | None = None  # the Flatten+Dense head's window-sized convolution
-    head_rest: keras.Model | None = None  # the head after that convolution
+    head_rest: keras.Model | None = None  # the head after its window-sized first layer (convolution or pooling)
+    dilation: int = 1  # a trous factor: native stride / this grid's stride (worker.inference.atrous)
+    native_stride: tuple[int, int] | None = None  # tiles align to it (None: the stride itself)
+
+    @property
+    def align(self) -> tuple[int, int]:
+        """Tile origins and sizes keep this modulus (TensorFlow's 'same' padding depends on it)."""
+        return self.native_stride or self.stride
+
+    @property
+    def head_span(self) -> tuple[int, int]:
+        """Trunk cells one output cell reads per axis (the feature window, dilated)."""
+        return tuple((k - 1) * self.dilation + 1 for k in self.feature_window)
+
+    @property
+    def feature_channels(self) -> int:
+        return int(self.trunk.output.shape[-1])
 
     @property
     def stride(self) -> tuple[int, int]:
@@ -126,18 +144,27 @@ class FullyConvolutional:
         product, which runs faster as a plain matmul than through TensorFlow's convolution
         (bench/README.md and ``bench/results/direct_im2col.*`` give the measurements).
         """
-        if self.window_conv is None:
+        if self.window_conv is None and (self.dilation == 1 or self.head_rest is None):
             return _as_float32(self.head(features, training=False))[0]
+        if self.window_conv is None:
+            pooled = _dilated_window_pool(features, self.feature_window, self.dilation, self.head_kind)
+            return _as_float32(self.head_rest(pooled, training=False))[0]
         conv = self.window_conv
         fh, fw = self.feature_window
+        step = self.dilation
         _, rows, cols, channels = features.shape
-        out_rows, out_cols = rows - fh + 1, cols - fw + 1
+        out_rows, out_cols = rows - (fh - 1) * step, cols - (fw - 1) * step
         # The layer's compute dtype (bfloat16 under a mixed policy): the same casts Keras applies
         # when the layer runs itself, so that both paths give the same numbers.
         dtype = conv.compute_dtype
         x = keras.ops.cast(keras.ops.convert_to_tensor(features), dtype)
         patches = keras.ops.concatenate(
-            [x[:, dy : dy + out_rows, dx : dx + out_cols, :] for dy in range(fh) for dx in range(fw)], axis=-1
+            [
+                x[:, dy * step : dy * step + out_rows, dx * step : dx * step + out_cols, :]
+                for dy in range(fh)
+                for dx in range(fw)
+            ],
+            axis=-1,
         )
         kernel = keras.ops.cast(keras.ops.reshape(conv.kernel, (fh * fw * channels, conv.filters)), dtype)
         y = keras.ops.matmul(keras.ops.reshape(patches, (out_rows * out_cols, fh * fw * channels)), kernel)
@@ -147,12 +174,56 @@ class FullyConvolutional:
         return _as_float32(self.head_rest(y, training=False))[0]
 
     def output_shape(self, height: int, width: int) -> tuple[int, int]:
+        """Output cells per axis: on a finer grid, every cell of the native grid's span plus
+        the finer origins whose window still fits the image (the last native cell's phases)."""
         cells = self.trunk_cells(height, width)
-        return (cells[0] - self.feature_window[0] + 1, cells[1] - self.feature_window[1] + 1)
+        shape = tuple(cells[a] - self.head_span[a] + 1 for a in range(2))
+        if self.dilation == 1:
+            return shape
+        out = []
+        for a, length in enumerate((height, width)):
+            native = cells[a] // self.dilation - self.feature_window[a] + 1
+            fitting = (length - self.window[a]) // self.stride[a]
+            out.append(min(shape[a], max((native - 1) * self.dilation, fitting) + 1))
+        return tuple(out)
+
+    def at_factor(self, factor: int) -> FullyConvolutional:
+        """This network with output stride ``stride / factor`` (a trous; ``worker.inference.atrous``)."""
+        if factor == 1:
+            return self
+        if self.dilation != 1:
+            raise ValueError("convert the native network, not an already finer one")
+        trunk = AtrousTrunk(self.trunk, self.stride, factor)
+        trunk(np.zeros((1, *self.window, self.channels), np.float32))  # builds the twins, measures memory
+        field = ReceptiveField(trunk.cut, self.field.size, self.field.start, self.field.global_layer)
+        return replace(
+            self,
+            trunk=trunk,
+            field=field,
+            dilation=factor,
+            native_stride=self.stride,
+            bytes_per_pixel=max(self.bytes_per_pixel, trunk.largest_bytes / (self.window[0] * self.window[1])),
+        )
 
     def trunk_cells(self, height: int, width: int) -> tuple[int, int]:
         shape = self.trunk.compute_output_shape((1, height, width, self.channels))
         return (int(shape[1]), int(shape[2]))
+
+
+def _dilated_window_pool(features, window, dilation: int, kind: str):
+    """The head's window pooling with its taps ``dilation`` cells apart (mean or max)."""
+    x = keras.ops.convert_to_tensor(features)
+    rows = int(x.shape[1]) - (window[0] - 1) * dilation
+    cols = int(x.shape[2]) - (window[1] - 1) * dilation
+    total = None
+    for dy in range(window[0]):
+        for dx in range(window[1]):
+            tap = x[:, dy * dilation : dy * dilation + rows, dx * dilation : dx * dilation + cols]
+            if total is None:
+                total = tap
+            else:
+                total = keras.ops.maximum(total, tap) if kind == "global_max" else total + tap
+    return total if kind == "global_max" else total / float(window[0] * window[1])
 
 
 def _as_float32(tensor) -> np.ndarray:
@@ -193,6 +264,11 @@ def to_fully_convolutional(model: keras.Model, input_size: tuple[int, int] | Non
 
     trunk_graph = keras.Model(functional.inputs, feature_tensor)
     field = receptive_field(trunk_graph)
+    if field.global_layer is not None:
+        raise GlobalContextError(
+            f"layer {field.global_layer!r} pools over the whole image inside the trunk (squeeze-excitation): "
+            "direct mode cannot tile it exactly; use mode=tiled"
+        )
     trunk = compiled_trunk(_build_trunk(trunk_graph, channels, model.name))
     feature_shape = trunk.compute_output_shape((1, *window, channels))
     feature_window = (int(feature_shape[1]), int(feature_shape[2]))
@@ -203,7 +279,9 @@ def to_fully_convolutional(model: keras.Model, input_size: tuple[int, int] | Non
     window_conv, head_rest = None, None
     if head_kind == "flatten" and feature_window != (1, 1):
         window_conv = head_layers[0]
-        head_rest = _head_without_first_layer(head_layers, model.name)
+        head_rest = _head_without_first_layer(head_layers, head_layers[0].filters, model.name)
+    elif head_kind != "flatten":  # a finer grid pools with dilated taps, then runs the rest
+        head_rest = _head_without_first_layer(head_layers, int(trunk.output.shape[-1]), model.name)
 
     scores = head(trunk.output)
     fcn_model = keras.Model(trunk.input, scores, name=f"{model.name}_fcn")
@@ -279,40 +357,78 @@ def _find_head(functional):
     """Walk back from the output through the head to the layer that drops the spatial layout.
 
     Returns that layer (Flatten or global pooling), the 4-D feature tensor it consumes, and
-    the head layers after it in order.
+    the head layers after it in order. A Flatten or Reshape of a 1x1 map after a global
+    pooling (MobileNet's heads) is a per-position layer of the head, not its start.
     """
     head_ops = []
     tensor = functional.outputs[0]
     while True:
         op, node_index = _producer(tensor)
-        if isinstance(op, (layers.Flatten, layers.GlobalAveragePooling2D, layers.GlobalMaxPooling2D)):
-            if getattr(op, "keepdims", False):
-                raise UnsupportedModelError(f"layer {op.name!r}: global pooling with keepdims=True ends no head")
+        if isinstance(op, _SPATIAL_ENDS) and not (
+            isinstance(op, layers.Flatten) and _after_global_pooling(op, node_index)
+        ):
             pool_layer = op
             feature_tensor = _single_input(op, node_index)
             break
-        _check_head_layer(op)
+        _check_head_layer(op, node_index)
         head_ops.append(op)
         tensor = _single_input(op, node_index)
     head_ops.reverse()
-    if not any(isinstance(op, layers.Dense) for op in head_ops):
-        raise UnsupportedModelError("the head has no Dense layer")
     if len(feature_tensor.shape) != 4:
+        _check_head_layer(*_producer(feature_tensor))  # names a layer that reshaped the head's vectors
         raise UnsupportedModelError(f"layer {pool_layer.name!r} does not follow a 4-D feature map")
     return pool_layer, feature_tensor, head_ops
 
 
-def _check_head_layer(op) -> None:
+_SPATIAL_ENDS = (layers.Flatten, layers.GlobalAveragePooling2D, layers.GlobalMaxPooling2D)
+
+
+def _after_global_pooling(op, node_index) -> bool:
+    """Whether the input of `op` comes, through single-input head layers, from a global pooling."""
+    tensor = _single_input(op, node_index)
+    for _ in range(64):
+        producer, index = _producer(tensor)
+        if isinstance(producer, (layers.GlobalAveragePooling2D, layers.GlobalMaxPooling2D)):
+            return True
+        if isinstance(producer, layers.InputLayer) or is_graph_model(producer) or not _is_head_layer(producer, index):
+            return False
+        nodes = producer._inbound_nodes[index].input_tensors
+        if len(nodes) != 1:
+            return False
+        tensor = nodes[0]
+    return False
+
+
+def _is_head_layer(op, node_index) -> bool:
+    """Per-position layers a converted head keeps (or drops, for the no-ops)."""
+    if isinstance(op, (layers.Dense, layers.Rescaling) + _INFERENCE_NOOPS + _HEAD_ACTIVATIONS):
+        return True
+    if isinstance(op, (layers.LayerNormalization, layers.BatchNormalization)):
+        rank = len(_single_input(op, node_index).shape)
+        axes = op.axis if isinstance(op.axis, (list, tuple)) else [op.axis]
+        return [a % rank for a in axes] == [rank - 1]
+    if isinstance(op, layers.Conv2D) and not isinstance(op, (layers.Conv2DTranspose, layers.DepthwiseConv2D)):
+        one = (1, 1)
+        return tuple(op.kernel_size) == one and tuple(op.strides) == one and op.groups == 1
+    if isinstance(op, (layers.Reshape, layers.Flatten)):
+        node = op._inbound_nodes[node_index]
+        shapes = [tuple(node.input_tensors[0].shape[1:]), tuple(node.output_tensors[0].shape[1:])]
+        return all(len(shape) == 1 or shape[:-1] == (1, 1) for shape in shapes)
+    return False
+
+
+def _check_head_layer(op, node_index) -> None:
     """Raise unless `op` may appear between the Flatten/global pooling layer and the output."""
     if isinstance(op, layers.InputLayer) or is_graph_model(op):
         raise UnsupportedModelError(
             "no Flatten or global pooling layer found before the output; the head must be "
-            "Flatten/GlobalAveragePooling2D/GlobalMaxPooling2D followed by Dense layers"
+            "Flatten/GlobalAveragePooling2D/GlobalMaxPooling2D followed by per-position layers"
         )
-    if not isinstance(op, (layers.Dense,) + _INFERENCE_NOOPS + _HEAD_ACTIVATIONS):
+    if not _is_head_layer(op, node_index):
         raise UnsupportedModelError(
             f"layer {op.name!r} ({type(op).__name__}) in the classifier head is not supported; "
-            "supported: Dense, activations, Dropout-like layers after Flatten or global pooling"
+            "supported after Flatten or global pooling: Dense, 1x1 Conv2D, LayerNormalization and "
+            "BatchNormalization over channels, Reshape/Flatten of a 1x1 map, activations, Rescaling, Dropout"
         )
 
 
@@ -340,8 +456,12 @@ def _convert_head(pool_layer, head_ops, feature_channels: int, feature_window, n
     new_weights = []
     first_dense = True
     for op in head_ops:
-        if isinstance(op, _INFERENCE_NOOPS):
-            continue
+        if isinstance(op, _INFERENCE_NOOPS + (layers.Reshape, layers.Flatten)):
+            continue  # no-ops at inference, or a reshape of a 1x1 map: the cell is the vector
+        if head_kind == "flatten" and first_dense and feature_window != (1, 1) and not isinstance(op, layers.Dense):
+            raise UnsupportedModelError(
+                f"layer {op.name!r} ({type(op).__name__}) acts on the whole flattened map before the first Dense"
+            )
         if isinstance(op, layers.Dense):
             kernel_size = feature_window if (first_dense and head_kind == "flatten") else (1, 1)
             layer = _dense_as_conv(op, kernel_size, in_channels)
@@ -350,8 +470,9 @@ def _convert_head(pool_layer, head_ops, feature_channels: int, feature_window, n
             in_channels = op.units
             first_dense = False
         else:
-            layer = type(op).from_config(op.get_config())
+            layer = _per_position_twin(op)
             x = layer(x)
+            in_channels = int(x.shape[-1])
             if op.get_weights():
                 new_weights.append((layer, op.get_weights()))
         head_layers.append(layer)
@@ -359,6 +480,16 @@ def _convert_head(pool_layer, head_ops, feature_channels: int, feature_window, n
     for layer, weights in new_weights:
         layer.set_weights(weights)
     return head_kind, head_layers, head
+
+
+def _per_position_twin(op):
+    """`op` rebuilt for a map of cells: normalisations over the last axis, a 1x1 convolution 'valid'."""
+    config = op.get_config()
+    if isinstance(op, (layers.LayerNormalization, layers.BatchNormalization)):
+        config["axis"] = -1
+    elif isinstance(op, layers.Conv2D):
+        config["padding"] = "valid"
+    return type(op).from_config(config)
 
 
 def _window_pooling(pool_layer, feature_window):
@@ -399,9 +530,9 @@ def _copy_dense_weights(op, conv, kernel_size, in_channels: int) -> None:
         conv.bias.assign(op.bias)
 
 
-def _head_without_first_layer(head_layers, name: str) -> keras.Model:
-    """The head after its window-sized first convolution (see `FullyConvolutional.apply_head`)."""
-    rest_input = keras.Input((None, None, head_layers[0].filters), name="window_conv_output")
+def _head_without_first_layer(head_layers, channels: int, name: str) -> keras.Model:
+    """The head after its window-sized first layer (see `FullyConvolutional.apply_head`)."""
+    rest_input = keras.Input((None, None, channels), name="window_output")
     y = rest_input
     for layer in head_layers[1:]:
         y = layer(y)

@@ -57,7 +57,7 @@ def check_grid_memory(raster: Raster, params: JobParams, loaded: LoadedModel) ->
     """Refuse a job whose all-classes score grid (needed to pick top_k) would not fit."""
     classes = len(params.class_indices) if params.class_indices is not None else len(loaded.info.classes)
     if params.mode == "direct":
-        stride = loaded.fcn.stride
+        stride = loaded.fcn.stride if params.stride is None else (params.stride, params.stride)
     else:
         stride = (params.stride or max(1, loaded.window[0] // 2), params.stride or max(1, loaded.window[1] // 2))
     cells = math.ceil(raster.height / stride[0]) * math.ceil(raster.width / stride[1])

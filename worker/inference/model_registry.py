@@ -30,6 +30,7 @@ from shared.catalog import (  # noqa: F401 (re-exported: the worker's names for 
     load_sidecar,
     resolve_vgg16_weights,
 )
+from shared.jobspec import direct_stride_factor
 from worker.inference.compute_precision import apply_precision, compute_device, precision_problem
 from worker.inference.fcn import FullyConvolutional, to_fully_convolutional
 from worker.inference.preprocess import get_preprocess
@@ -49,6 +50,7 @@ class LoadedModel:
     preprocess: Callable[[np.ndarray], np.ndarray]
     precision: str = "float32"
     _fcn: FullyConvolutional | None = field(default=None, repr=False)
+    _finer: dict = field(default_factory=dict, repr=False)  # a trous factor -> FullyConvolutional
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -70,6 +72,19 @@ class LoadedModel:
             if self._fcn is None:
                 self._fcn = to_fully_convolutional(self.classifier, input_size=self.info.input_size)
             return self._fcn
+
+    def fcn_at(self, stride: int | None) -> FullyConvolutional:
+        """The converted network at output stride `stride` (None: its native stride); a finer
+        one is the a trous conversion, built once per stride and kept with the model."""
+        native = self.fcn
+        if stride is None or (stride, stride) == native.stride:
+            return native
+        factor = direct_stride_factor(native.stride, stride)
+        with self._lock:
+            fine = self._finer.get(factor)
+            if fine is None:
+                fine = self._finer[factor] = native.at_factor(factor)
+            return fine
 
 
 def build_classifier(info: ModelInfo, vgg16_weights: Path | None = None) -> keras.Model:

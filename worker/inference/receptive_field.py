@@ -19,6 +19,11 @@ class UnsupportedModelError(ValueError):
     """The model cannot be converted; the message names the offending layer."""
 
 
+class GlobalContextError(UnsupportedModelError):
+    """The trunk has a layer that sees the whole image (squeeze-excitation): no finite halo
+    makes direct mode's tiles exact, so such a model runs in tiled mode only."""
+
+
 # Per-element or per-position layers: they keep the spatial layout and receptive field.
 POINTWISE_LAYERS = tuple(
     cls
@@ -152,15 +157,63 @@ def _layer_field(op, rf: ReceptiveField) -> ReceptiveField:
         return _shifted(rf, top, left)
     if isinstance(op, (layers.GlobalAveragePooling2D, layers.GlobalMaxPooling2D)):
         return ReceptiveField(rf.jump, rf.size, rf.start, rf.global_layer or op.name)
+    if isinstance(op, layers.Dense) and _input_rank(op) == 4:
+        return rf  # a Dense over the channels of a map (ConvNeXt's pointwise layers) is per-position
     if isinstance(op, (layers.Reshape, layers.Flatten, layers.Dense)):
         # Inside the trunk these only appear on a squeeze-excitation branch of shape (1, 1, C).
         return ReceptiveField(rf.jump, rf.size, rf.start, rf.global_layer or op.name)
-    if isinstance(op, POINTWISE_LAYERS):
+    if isinstance(op, POINTWISE_LAYERS) or _is_elementwise(op):
         return rf
     raise UnsupportedModelError(
         f"cannot compute the receptive field of layer {name}: it is not a known convolution, pooling, "
         "padding or per-pixel layer"
     )
+
+
+# Keras operations recorded in a graph when a model applies ``x + 3.0``, ``keras.ops.relu6``
+# ... to a tensor (MobileNetV3's hard-sigmoid), and keras.applications' per-channel layers.
+_ELEMENTWISE_OPS = frozenset(
+    (
+        "Add",
+        "Subtract",
+        "Multiply",
+        "Divide",
+        "TrueDivide",
+        "Maximum",
+        "Minimum",
+        "Negative",
+        "Square",
+        "Sqrt",
+        "Relu",
+        "Relu6",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSilu",
+        "Silu",
+        "Gelu",
+        "Tanh",
+        "Exp",
+        "Clip",
+        "Cast",
+    )
+)
+_APPLICATION_LAYERS = frozenset(("LayerScale", "StochasticDepth", "CustomScaleLayer"))
+
+
+def _is_elementwise(op) -> bool:
+    """A per-element Keras operation, or a per-channel layer of keras.applications (ConvNeXt)."""
+    module = type(op).__module__
+    name = type(op).__name__
+    if module.startswith("keras.src.ops.") and not isinstance(op, keras.layers.Layer):
+        return name in _ELEMENTWISE_OPS
+    return module.startswith("keras.src.applications.") and name in _APPLICATION_LAYERS
+
+
+def _input_rank(op) -> int | None:
+    try:
+        return len(op.input.shape)
+    except (AttributeError, ValueError):  # a layer used more than once has no single input
+        return None
 
 
 def _windowed(op, rf, kernel, stride, dilation) -> ReceptiveField:
