@@ -182,7 +182,9 @@ class JobParams:
         return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
 
-def _integer(name: str, value: Any, low: int, high: int) -> int:
+def _integer(name: str, value: Any, low: int, high: int, high_is: str = "") -> int:
+    """`value` as an integer in [low, high]; `high_is` says what the upper bound is (e.g.
+    "the model's window"), so that the refusal tells the user why."""
     if isinstance(value, bool):
         raise ParameterError("invalid_parameter", f"{name} must be an integer")
     if isinstance(value, str):
@@ -193,7 +195,8 @@ def _integer(name: str, value: Any, low: int, high: int) -> int:
     if not isinstance(value, int):
         raise ParameterError("invalid_parameter", f"{name} must be an integer")
     if not low <= value <= high:
-        raise ParameterError("invalid_parameter", f"{name} must be between {low} and {high}, got {value}")
+        bound = f"{high} ({high_is})" if high_is else f"{high}"
+        raise ParameterError("invalid_parameter", f"{name} must be between {low} and {bound}, got {value}")
     return value
 
 
@@ -293,7 +296,7 @@ def _stride(stride: Any, mode: str, info: ModelInfo) -> int | None:
         )
     if stride in (None, ""):
         return None
-    value = _integer("stride", stride, 1, min(info.input_size))
+    value = _integer("stride", stride, 1, min(info.input_size), "the model's window: windows must touch or overlap")
     if mode == "direct" and info.output_stride:
         direct_stride_factor((info.output_stride, info.output_stride), value)
     return value

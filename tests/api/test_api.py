@@ -322,6 +322,8 @@ def test_messages_tell_the_user_what_to_do(client):
     unknown = _post(client, [("image", (io.BytesIO(GOOD), "a.png"))], {"model": "shapes", "classes": "crosses"})
     assert unknown.status_code == 400 and unknown.json["error"]["code"] == "unknown_class"
     assert "background, circle, square, triangle, cross" in unknown.json["error"]["message"]
+    wide = _post(client, [("image", (io.BytesIO(GOOD), "a.png"))], {"model": "shapes", "mode": "tiled", "stride": 65})
+    assert wide.status_code == 400 and "between 1 and 64 (the model's window" in wide.json["error"]["message"]
     job = _post(client, [("image", (io.BytesIO(GOOD), "a.png"))], {"model": "shapes"}).json
     assert client.post(f"/api/v1/jobs/{job['id']}/cancel").status_code == 202
     again = client.post(f"/api/v1/jobs/{job['id']}/cancel")
