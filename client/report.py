@@ -125,4 +125,5 @@ def print_models(listing: dict) -> None:
         if not model["available"]:
             print(f"{model['name']} cannot run: {model.get('reason', 'unknown reason')}")
     for problem in listing.get("problems", []):
-        print(f"ignored  {problem['file']}: {problem['message']}")
+        message = problem["message"]  # the catalogue's messages name their file already
+        print(f"ignored  {message if message.startswith(problem['file']) else problem['file'] + ': ' + message}")

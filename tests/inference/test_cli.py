@@ -274,3 +274,15 @@ def test_infer_direct_at_a_finer_stride(files, tmp_path, main):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "direct" and summary["grid"]["stride"] == {"y": 1, "x": 1}
     assert summary["grid"]["rows"] == 60 - 32 + 1 and summary["grid"]["cols"] == 75 - 32 + 1
+
+
+def test_models_command_names_each_problem_file_once(main, capsys, monkeypatch, tmp_path):
+    """A model file without its sidecar is listed once under its name, with the reason."""
+    monkeypatch.delenv("HEATMAP_SERVER", raising=False)
+    folder = tmp_path / "user_models"
+    folder.mkdir()
+    (folder / "orphan.keras").write_bytes(b"not a model")
+    monkeypatch.setenv("MODELS_DIR", str(folder))
+    assert main(["models"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ignored"))
+    assert line.count("orphan.keras") == 1 and "sidecar" in line
