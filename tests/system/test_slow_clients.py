@@ -1,7 +1,8 @@
 """Slow clients do not stall the API (issue 11, defect 2).
 
 64 connections each send a request line and then one header line every 2 s, never
-finishing; meanwhile normal requests must be answered: >= 99 % within 5 s (a stalled server answers nothing; a busy one is slower than 1 s). Run against the
+finishing; meanwhile normal requests must be answered: >= 99 % within 5 s (a stalled server
+answers nothing; a busy machine can be slower than 1 s). Run against the
 dev server (gunicorn as `make serve` starts it) and against nginx (Debian's package, from
 the repository's template, on a free port) in front of it, as in docker-compose.yml.
 """
