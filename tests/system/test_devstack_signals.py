@@ -159,6 +159,7 @@ def test_readiness_needs_our_own_token(tmp_path):
 
     class Exited:
         name, log_path, process = "api", tmp_path / "api.log", sleeper
+        log_where = str(log_path)
 
     try:
         with pytest.raises(SystemExit, match="api exited"):
