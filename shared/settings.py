@@ -86,6 +86,15 @@ class Settings(BaseSettings):
         ),
     )
 
+    compiled_calls: bool = Field(
+        True,
+        description=(
+            "Run the engine's network calls (trunk tiles, rows-scheme stages, head, tiled batches) as "
+            "tf.function compiled per input shape and kept with the warm model (TensorFlow); false: eager "
+            "calls, for comparison (docs/compiled-calls.md)."
+        ),
+    )
+
     @field_validator("worker_precision")
     @classmethod
     def _check_precision(cls, value: str) -> str:

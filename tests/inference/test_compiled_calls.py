@@ -14,6 +14,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from shared.settings import get_settings  # noqa: E402
 from worker.inference import compiled_calls  # noqa: E402
 from worker.inference.compiled_calls import compiled_call, trace_count  # noqa: E402
 from worker.inference.direct import direct_inference  # noqa: E402
@@ -76,10 +77,15 @@ def test_tiled_second_job_does_not_retrace(shapes_model):
 def test_compiled_scores_equal_eager_scores(shapes_model, scheme, monkeypatch):
     image = scene(300, 260, seed=3)
     compiled = run_direct(shapes_model, image, scheme)
-    monkeypatch.setenv("COMPILED_CALLS", "0")
-    traced = trace_count()
-    eager = run_direct(shapes_model, image, scheme)
-    assert trace_count() == traced, "COMPILED_CALLS=0 still traced"
+    monkeypatch.setenv("COMPILED_CALLS", "false")
+    get_settings.cache_clear()
+    try:
+        traced = trace_count()
+        eager = run_direct(shapes_model, image, scheme)
+        assert trace_count() == traced, "COMPILED_CALLS=false still traced"
+    finally:
+        monkeypatch.delenv("COMPILED_CALLS")
+        get_settings.cache_clear()
     np.testing.assert_allclose(compiled.scores, eager.scores, rtol=1e-5, atol=1e-5 * np.abs(eager.scores).max())
 
 

@@ -47,7 +47,7 @@ class CountingClassifier:
 
     On TensorFlow the engine calls the classifier inside a compiled function, where Python
     runs only at trace time: the shape is recorded by a ``py_function`` in the graph, so each
-    execution (not each trace) is counted.
+    execution (not each trace) is counted. Elsewhere the engine uses ``predict_on_batch``.
     """
 
     def __init__(self, model):
@@ -58,14 +58,15 @@ class CountingClassifier:
         self.shapes.append(tuple(int(v) for v in np.asarray(shape)))
         return np.int32(0)
 
-    def __call__(self, x, training=False):
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
+    def __call__(self, x, training=False):  # the compiled batch call (TensorFlow)
+        import tensorflow as tf
 
-            tf.py_function(self._record, [tf.shape(x)], tf.int32)
-        else:
-            self._record(np.shape(x))
+        tf.py_function(self._record, [tf.shape(x)], tf.int32)
         return self.model(x, training=training)
+
+    def predict_on_batch(self, x):  # JAX, or compiled calls switched off
+        self._record(np.shape(x))
+        return self.model.predict_on_batch(x)
 
     def __getattr__(self, name):  # everything else (output shapes...) is the model's
         return getattr(self.model, name)

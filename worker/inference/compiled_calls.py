@@ -16,18 +16,20 @@ or a worker serving many image sizes never grow the cache without end. ``jit_com
 off: XLA on CPU was not measured faster for these convolutions, and it would compile per shape.
 
 On JAX the trunk already runs as one ``jax.jit`` program (``worker.inference.fcn.JaxCompiledTrunk``);
-the other sites are called as they are there (see docs/compiled-calls.md). ``COMPILED_CALLS=0``
-in the environment turns compiled calls off (every site eager), for comparing the two.
+the other sites are called as they are there (see docs/compiled-calls.md). The setting
+``COMPILED_CALLS=false`` (``shared.settings``) turns compiled calls off (every site eager), for
+comparing the two.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
 import keras
+
+from shared.settings import get_settings
 
 #: Traced shapes kept per (owner, call site); the least recently used one is dropped beyond it.
 MAX_SHAPES_PER_SITE = 16
@@ -39,8 +41,8 @@ _TRACES = {"count": 0}
 
 
 def compiled_calls_enabled() -> bool:
-    """Whether call sites compile (TensorFlow backend, not switched off by ``COMPILED_CALLS=0``)."""
-    return keras.backend.backend() == "tensorflow" and os.environ.get("COMPILED_CALLS", "1") != "0"
+    """Whether call sites compile (TensorFlow backend, not switched off by the setting ``COMPILED_CALLS``)."""
+    return keras.backend.backend() == "tensorflow" and get_settings().compiled_calls
 
 
 def trace_count() -> int:

@@ -16,7 +16,7 @@ import numpy as np
 
 from worker.grid import KeepFn, ProgressFn, ScoreGrid, report
 from worker.inference.analysis_raster import Raster, as_raster
-from worker.inference.compiled_calls import compiled_call
+from worker.inference.compiled_calls import compiled_call, compiled_calls_enabled
 
 
 def window_origins(length: int, window: int, stride: int) -> np.ndarray:
@@ -104,7 +104,10 @@ def _score_batches(classifier, raster: Raster, preprocess, batches, geometry, se
 
     for done, members in enumerate(batches, start=1):
         batch = preprocess(_read_batch(raster, members, rows, cols, window))
-        out = keras.ops.convert_to_numpy(compiled_call(classifier, "classify", classify, batch))
+        if compiled_calls_enabled():
+            out = keras.ops.convert_to_numpy(compiled_call(classifier, "classify", classify, batch))
+        else:  # JAX (or compiled calls off): Keras' own compiled predict step
+            out = keras.ops.convert_to_numpy(classifier.predict_on_batch(batch))
         scores[members[:, 0], members[:, 1]] = out if selection is None else out[:, selection]
         report(progress, done, len(batches))
     return scores
