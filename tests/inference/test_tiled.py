@@ -13,6 +13,8 @@ import pytest
 keras = pytest.importorskip("keras")
 layers = keras.layers
 
+from call_counter import record_call  # noqa: E402 (tests/ is on sys.path)
+
 from worker.grid import ScoreGrid  # noqa: E402
 from worker.inference.preprocess import get_preprocess  # noqa: E402
 from worker.inference.tiled import tiled_inference, window_origins  # noqa: E402
@@ -46,7 +48,7 @@ class CountingClassifier:
     """Wraps a model; records the shape of every forward call as it runs.
 
     On TensorFlow the engine calls the classifier inside a compiled function, where Python
-    runs only at trace time: the shape is recorded by a ``py_function`` in the graph, so each
+    runs only at trace time: ``call_counter.record_call`` records in the graph, so each
     execution (not each trace) is counted. Elsewhere the engine uses ``predict_on_batch``.
     """
 
@@ -54,18 +56,12 @@ class CountingClassifier:
         self.model = model
         self.shapes = []
 
-    def _record(self, shape):
-        self.shapes.append(tuple(int(v) for v in np.asarray(shape)))
-        return np.int32(0)
-
     def __call__(self, x, training=False):  # the compiled batch call (TensorFlow)
-        import tensorflow as tf
-
-        tf.py_function(self._record, [tf.shape(x)], tf.int32)
+        record_call(self.shapes.append, x)
         return self.model(x, training=training)
 
     def predict_on_batch(self, x):  # JAX, or compiled calls switched off
-        self._record(np.shape(x))
+        self.shapes.append(tuple(np.shape(x)))
         return self.model.predict_on_batch(x)
 
     def __getattr__(self, name):  # everything else (output shapes...) is the model's
