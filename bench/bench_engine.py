@@ -657,6 +657,7 @@ def build_plan(args) -> list[dict]:
                 "size": stream_size,
                 "budget": args.budget,
                 "scheme": scheme,
+                "warm_same_size": args.warm_same_size,
             }
         )
     for rows in args.band_sweep or []:
@@ -756,7 +757,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--job", action="store_true", help="also run the direct case end to end (run_inference)")
     parser.add_argument(
-        "--warm-same-size", action="store_true", help="direct cases: run the same image size once before timing (XLA)"
+        "--warm-same-size",
+        action="store_true",
+        help="direct cases: run the same image size once before timing (traced/compiled functions reused)",
     )
     parser.add_argument("--child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -86,6 +86,24 @@ class Settings(BaseSettings):
         ),
     )
 
+    model_cache_dir: Path | None = Field(
+        None,
+        description=(
+            "Folder of the disk cache of loaded models (raw weights keyed by the model file's sha256 and the "
+            "engine version), so a cold worker or `heatmap infer` skips Keras' weight parsing; default "
+            "DATA_DIR/model-cache. Set MODEL_CACHE=false to load every model from its file."
+        ),
+    )
+    model_cache: bool = Field(True, description="Use the disk cache of loaded models (MODEL_CACHE_DIR).")
+    compiled_calls: bool = Field(
+        True,
+        description=(
+            "Run the engine's network calls (trunk tiles, rows-scheme stages, head, tiled batches) as "
+            "tf.function compiled per input shape and kept with the warm model (TensorFlow); false: eager "
+            "calls, for comparison (docs/compiled-calls.md)."
+        ),
+    )
+
     @field_validator("worker_precision")
     @classmethod
     def _check_precision(cls, value: str) -> str:
@@ -267,6 +285,13 @@ class Settings(BaseSettings):
         identity = f"{self.resolved_database_url}|{self.queue_name}|{self.resolved_storage_url}"
         tag = hashlib.sha256(identity.encode()).hexdigest()[:12]
         return Path(tempfile.gettempdir()) / f"heatmaps-scratch-{tag}"
+
+    @property
+    def resolved_model_cache_dir(self) -> Path | None:
+        """The model cache's folder, None when the cache is off."""
+        if not self.model_cache:
+            return None
+        return Path(self.model_cache_dir) if self.model_cache_dir is not None else self.data_dir / "model-cache"
 
     @property
     def model_dirs(self) -> list[Path]:

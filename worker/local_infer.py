@@ -29,7 +29,9 @@ def run_infer(args: argparse.Namespace) -> int:
     from worker.inference.model_registry import ModelRegistry  # loads Keras: after parsing
 
     settings = get_settings()
-    registry = ModelRegistry(settings.model_dirs, settings.vgg16_weights, settings.worker_precision)
+    registry = ModelRegistry(
+        settings.model_dirs, settings.vgg16_weights, settings.worker_precision, settings.resolved_model_cache_dir
+    )
     return _infer(args, settings, registry)
 
 

@@ -51,7 +51,9 @@ def get_context():
         from worker.inference.model_registry import ModelRegistry
         from worker.jobrunner import WorkerContext
 
-        registry = ModelRegistry(settings.model_dirs, settings.vgg16_weights, settings.worker_precision)
+        registry = ModelRegistry(
+            settings.model_dirs, settings.vgg16_weights, settings.worker_precision, settings.resolved_model_cache_dir
+        )
         _context = WorkerContext(
             settings=settings,
             storage=Storage.from_settings(settings),

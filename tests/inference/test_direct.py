@@ -16,6 +16,8 @@ import pytest
 keras = pytest.importorskip("keras")
 layers = keras.layers
 
+from call_counter import record_call  # noqa: E402 (tests/ is on sys.path)
+
 from worker.inference import direct  # noqa: E402
 from worker.inference.direct import Span, direct_inference, plan_axis, tile_cells_for_budget  # noqa: E402
 from worker.inference.fcn import to_fully_convolutional  # noqa: E402
@@ -341,7 +343,7 @@ def test_progress_exception_stops_computation(toy):
 
     class CountingTrunk:
         def __call__(self, x, training=False):
-            computed.append(x.shape)
+            record_call(computed.append, x)  # each execution, also inside a compiled call
             return toy.trunk(x, training=training)
 
         def __getattr__(self, name):

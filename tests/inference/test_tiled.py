@@ -13,6 +13,8 @@ import pytest
 keras = pytest.importorskip("keras")
 layers = keras.layers
 
+from call_counter import record_call  # noqa: E402 (tests/ is on sys.path)
+
 from worker.grid import ScoreGrid  # noqa: E402
 from worker.inference.preprocess import get_preprocess  # noqa: E402
 from worker.inference.tiled import tiled_inference, window_origins  # noqa: E402
@@ -43,13 +45,22 @@ def classifier():
 
 
 class CountingClassifier:
-    """Wraps a model; counts predict_on_batch calls and records the batch shapes."""
+    """Wraps a model; records the shape of every forward call as it runs.
+
+    On TensorFlow the engine calls the classifier inside a compiled function, where Python
+    runs only at trace time: ``call_counter.record_call`` records in the graph, so each
+    execution (not each trace) is counted. Elsewhere the engine uses ``predict_on_batch``.
+    """
 
     def __init__(self, model):
         self.model = model
         self.shapes = []
 
-    def predict_on_batch(self, x):
+    def __call__(self, x, training=False):  # the compiled batch call (TensorFlow)
+        record_call(self.shapes.append, x)
+        return self.model(x, training=training)
+
+    def predict_on_batch(self, x):  # JAX, or compiled calls switched off
         self.shapes.append(tuple(np.shape(x)))
         return self.model.predict_on_batch(x)
 
@@ -160,7 +171,7 @@ def test_results_independent_of_batch_size(classifier):
 
 
 @pytest.mark.parametrize("batch_size", [1, 5, 64])
-def test_predict_called_once_per_batch(classifier, batch_size):
+def test_classifier_called_once_per_batch(classifier, batch_size):
     image = random_image(70, 61, seed=5)
     counting = CountingClassifier(classifier)
     progress = []

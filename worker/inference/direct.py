@@ -45,6 +45,7 @@ import numpy as np
 from shared.jobspec import DIRECT_SCHEMES
 from worker.grid import KeepFn, ProgressFn, ScoreGrid, report
 from worker.inference.analysis_raster import Raster, as_raster
+from worker.inference.compiled_calls import compiled_call
 from worker.inference.compute_precision import compute_device
 from worker.inference.fcn import FullyConvolutional
 from worker.inference.trunk_stream import band_rows_for_budget, stream_plan, stream_rows
@@ -393,7 +394,8 @@ def _trunk_bands(fcn: FullyConvolutional, raster: Raster, preprocess, spans_y, p
 
 def _trunk_tile(fcn: FullyConvolutional, crop, span_y: Span, span_x: Span) -> np.ndarray:
     """Trunk features of one tile's interior cells (its halo cells cut off)."""
-    features = keras.ops.convert_to_numpy(fcn.trunk(crop, training=False))[0]
+    trunk = fcn.trunk
+    features = keras.ops.convert_to_numpy(compiled_call(trunk, "trunk", lambda t: trunk(t, training=False), crop))[0]
     oy, ox = span_y.offset(fcn.stride[0]), span_x.offset(fcn.stride[1])
     return features[span_y.cell_start - oy : span_y.cell_stop - oy, span_x.cell_start - ox : span_x.cell_stop - ox]
 

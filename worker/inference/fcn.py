@@ -32,6 +32,7 @@ import keras
 import numpy as np
 
 from worker.inference.atrous import AtrousTrunk
+from worker.inference.compiled_calls import compiled_call
 from worker.inference.receptive_field import (
     GlobalContextError,
     ReceptiveField,
@@ -142,13 +143,18 @@ class FullyConvolutional:
         Flatten+Dense head runs as one matrix product over gathered patches (im2col): with a
         window-sized kernel and few output positions the convolution is one large matrix
         product, which runs faster as a plain matmul than through TensorFlow's convolution
-        (bench/README.md and ``bench/results/direct_im2col.*`` give the measurements).
+        (bench/README.md and ``bench/results/direct_im2col.*`` give the measurements). The
+        whole head runs as one function compiled per band shape (``worker.inference.compiled_calls``).
         """
+        return _as_float32(compiled_call(self, "head", self._head_scores, features))[0]
+
+    def _head_scores(self, features):
+        """The head's computation on a ``(1, R, C, F)`` band, as a tensor (traced once per shape)."""
         if self.window_conv is None and (self.dilation == 1 or self.head_rest is None):
-            return _as_float32(self.head(features, training=False))[0]
+            return self.head(features, training=False)
         if self.window_conv is None:
             pooled = _dilated_window_pool(features, self.feature_window, self.dilation, self.head_kind)
-            return _as_float32(self.head_rest(pooled, training=False))[0]
+            return self.head_rest(pooled, training=False)
         conv = self.window_conv
         fh, fw = self.feature_window
         step = self.dilation
@@ -171,7 +177,7 @@ class FullyConvolutional:
         if conv.use_bias:
             y = y + keras.ops.cast(conv.bias, dtype)
         y = conv.activation(keras.ops.reshape(y, (1, out_rows, out_cols, conv.filters)))
-        return _as_float32(self.head_rest(y, training=False))[0]
+        return self.head_rest(y, training=False)
 
     def output_shape(self, height: int, width: int) -> tuple[int, int]:
         """Output cells per axis: on a finer grid, every cell of the native grid's span plus

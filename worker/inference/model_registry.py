@@ -33,6 +33,7 @@ from shared.catalog import (  # noqa: F401 (re-exported: the worker's names for 
 from shared.jobspec import direct_stride_factor
 from worker.inference.compute_precision import apply_precision, compute_device, precision_problem
 from worker.inference.fcn import FullyConvolutional, to_fully_convolutional
+from worker.inference.model_cache import load_through_cache
 from worker.inference.preprocess import get_preprocess
 
 
@@ -87,12 +88,20 @@ class LoadedModel:
             return fine
 
 
-def build_classifier(info: ModelInfo, vgg16_weights: Path | None = None) -> keras.Model:
+def build_classifier(info: ModelInfo, vgg16_weights: Path | None = None, cache_dir: Path | None = None) -> keras.Model:
+    """The classifier of a catalogue entry, through the disk cache (``worker.inference.model_cache``)
+    when `cache_dir` is given."""
     if info.kind == "keras_applications_vgg16":
         weights = resolve_vgg16_weights(vgg16_weights)
-        return keras.applications.VGG16(weights=str(weights), input_shape=(*info.input_size, 3))
+        return load_through_cache(
+            cache_dir,
+            Path(weights),
+            lambda: keras.applications.VGG16(weights=str(weights), input_shape=(*info.input_size, 3)),
+        )
     try:
-        model = keras.models.load_model(info.path, compile=False)
+        model = load_through_cache(
+            cache_dir, Path(info.path), lambda: keras.models.load_model(info.path, compile=False)
+        )
     except Exception as exc:  # a broken user file must not take the worker down
         raise ModelUnavailableError(f"cannot load model file {info.path}: {exc}") from exc
     outputs = int(model.output_shape[-1])
@@ -106,11 +115,19 @@ def build_classifier(info: ModelInfo, vgg16_weights: Path | None = None) -> kera
 class ModelRegistry:
     """Loads each (model, precision) once per process and keeps it.
 
-    ``default_precision`` (the worker's ``WORKER_PRECISION``) applies to jobs that name none.
+    ``default_precision`` (the worker's ``WORKER_PRECISION``) applies to jobs that name none;
+    ``cache_dir`` (``MODEL_CACHE_DIR``) holds the disk cache of loaded models.
     """
 
-    def __init__(self, folders, vgg16_weights: Path | None = None, default_precision: str = "float32"):
+    def __init__(
+        self,
+        folders,
+        vgg16_weights: Path | None = None,
+        default_precision: str = "float32",
+        cache_dir: Path | None = None,
+    ):
         self.folders = list(folders)
+        self.cache_dir = cache_dir  # converted-model disk cache (None: none), worker.inference.model_cache
         self._fingerprint = catalog_fingerprint(self.folders)
         self.catalog = ModelCatalog(self.folders)
         self.vgg16_weights = vgg16_weights
@@ -158,7 +175,7 @@ class ModelRegistry:
         with self._lock:
             loaded = self._loaded.get(key)
             if loaded is None:
-                classifier = apply_precision(build_classifier(info, self.vgg16_weights), precision)
+                classifier = apply_precision(build_classifier(info, self.vgg16_weights, self.cache_dir), precision)
                 loaded = LoadedModel(
                     info=info,
                     classifier=classifier,

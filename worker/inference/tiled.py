@@ -2,8 +2,9 @@
 
 Exactly the pretrained model's semantics per window, at one full forward per window.
 Windows are cut at a chosen stride with the last row and column pulled flush with the image
-border (no pixel left uncovered), batched (never one ``predict`` per window), and their
-scores kept as a grid: memory is O(windows x classes), never H x W x classes.
+border (no pixel left uncovered), batched (never one ``predict`` per window; each batch is
+one compiled call, ``worker.inference.compiled_calls``), and their scores kept as a grid:
+memory is O(windows x classes), never H x W x classes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from worker.grid import KeepFn, ProgressFn, ScoreGrid, report
 from worker.inference.analysis_raster import Raster, as_raster
+from worker.inference.compiled_calls import compiled_call, compiled_calls_enabled
 
 
 def window_origins(length: int, window: int, stride: int) -> np.ndarray:
@@ -56,8 +58,8 @@ def tiled_inference(
         window: native ``(h, w)`` of the classifier.
         stride: pixels between windows, ``(sy, sx)`` or one int; default half the window.
         batch_size: windows per forward call. The last batch is not padded (padding
-            would compute throw-away windows); Keras' predict function relaxes its batch
-            dimension after a second shape, so traces stay bounded.
+            would compute throw-away windows); each batch runs as a function compiled for
+            its shape (``worker.inference.compiled_calls``): two shapes per job at most.
         class_indices: keep only these model outputs (all when None).
         progress: ``progress(done, total)`` after each batch; may raise to stop.
         keep: ``keep(rows, cols, window) -> bool grid``: windows to compute; the others are NaN.
@@ -96,10 +98,16 @@ def _score_batches(classifier, raster: Raster, preprocess, batches, geometry, se
     outputs = int(classifier.compute_output_shape((1, *window, channels))[-1])
     width = outputs if selection is None else len(selection)
     scores = np.full((len(rows), len(cols), width), np.nan, dtype=np.float32)
+
+    def classify(batch):
+        return classifier(batch, training=False)
+
     for done, members in enumerate(batches, start=1):
-        out = keras.ops.convert_to_numpy(
-            classifier.predict_on_batch(preprocess(_read_batch(raster, members, rows, cols, window)))
-        )
+        batch = preprocess(_read_batch(raster, members, rows, cols, window))
+        if compiled_calls_enabled():
+            out = keras.ops.convert_to_numpy(compiled_call(classifier, "classify", classify, batch))
+        else:  # JAX (or compiled calls off): Keras' own compiled predict step
+            out = keras.ops.convert_to_numpy(classifier.predict_on_batch(batch))
         scores[members[:, 0], members[:, 1]] = out if selection is None else out[:, selection]
         report(progress, done, len(batches))
     return scores

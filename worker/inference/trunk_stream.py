@@ -14,7 +14,9 @@ layer adds around the whole image (TensorFlow's rule: ``total = max((out - 1) * 
 kernel - size, 0)``, ``before = total // 2``) is added to the first and last bands only, and
 to both sides of every row as it arrives (rows span the whole width). Zero for convolutions, -inf for
 max pooling (which ignores padding). So every output value is computed from exactly the
-inputs the whole-image pass uses, and the streamed map equals it to float rounding.
+inputs the whole-image pass uses, and the streamed map equals it to float rounding. Each
+stage's layer (with its per-pixel layers) runs as one step compiled per band shape
+(``worker.inference.compiled_calls``), kept on the trunk so that later jobs reuse it.
 
 Scope: a *chain* trunk (every layer has one input: VGG, AlexNet-like, most plain CNNs) of
 convolutions (also depthwise, separable, strided, dilated), max or 'valid' average pooling,
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
+from worker.inference.compiled_calls import compiled_call
 from worker.inference.receptive_field import POINTWISE_LAYERS, as_functional
 
 layers = keras.layers
@@ -68,6 +71,14 @@ class StreamStage:
     received: int = 0
     next_out: int = 0
     after: list = field(default_factory=list)  # per-pixel layers applied to each output
+    owner: object = None  # the trunk whose compiled steps this stage uses (None: eager)
+
+    def _compute(self, band):
+        """The layer and the per-pixel layers after it on a padded band (one compiled step per shape)."""
+        out = self.apply(band)
+        for layer in self.after:
+            out = layer(out, training=False)
+        return out
 
     def reset(self) -> None:
         self.buffer, self.buffer_start, self.received, self.next_out = None, 0, 0, 0
@@ -96,10 +107,8 @@ class StreamStage:
         above, below = max(0, -start), max(0, stop - self.in_rows)
         if above or below:
             band = keras.ops.pad(band, [[0, 0], [above, below], [0, 0], [0, 0]], constant_values=self.fill)
-        out = self.apply(band)
+        out = self._compute(band) if self.owner is None else compiled_call(self.owner, self.name, self._compute, band)
         del band
-        for layer in self.after:
-            out = layer(out, training=False)
         self.next_out = ready
         self._drop_unneeded()
         return out
@@ -151,13 +160,14 @@ def stream_plan(trunk, height: int) -> list[StreamStage] | None:
         if isinstance(layer, POINTWISE_LAYERS):
             if not stages:  # a per-pixel layer on the input: a one-row stage of its own
                 apply = functools.partial(layer, training=False)
-                stages.append(StreamStage(layer.name, 1, 1, 0, rows, rows, 0.0, apply))
+                stages.append(StreamStage(layer.name, 1, 1, 0, rows, rows, 0.0, apply, owner=trunk))
             else:
                 stages[-1].after.append(layer)
             continue
         stage = _stage(layer, rows)
         if stage is None:
             return None
+        stage.owner = trunk  # the warm trunk keeps each stage's compiled steps across jobs
         stages.append(stage)
         rows = stage.out_rows
         if rows <= 0:
