@@ -100,7 +100,7 @@ class Settings(BaseSettings):
         description=(
             "Run the engine's network calls (trunk tiles, rows-scheme stages, head, tiled batches) as "
             "tf.function compiled per input shape and kept with the warm model (TensorFlow); false: eager "
-            "calls, for comparison (docs/compiled-calls.md)."
+            "calls, for comparison (docs/engine.md, compiled calls)."
         ),
     )
 

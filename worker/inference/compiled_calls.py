@@ -16,7 +16,7 @@ or a worker serving many image sizes never grow the cache without end. ``jit_com
 off: XLA on CPU was not measured faster for these convolutions, and it would compile per shape.
 
 On JAX the trunk already runs as one ``jax.jit`` program (``worker.inference.fcn.JaxCompiledTrunk``);
-the other sites are called as they are there (see docs/compiled-calls.md). The setting
+the other sites are called as they are there (docs/engine.md). The setting
 ``COMPILED_CALLS=false`` (``shared.settings``) turns compiled calls off (every site eager), for
 comparing the two.
 """

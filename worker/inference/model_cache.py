@@ -2,7 +2,7 @@
 
 A cold start spends its model time in Keras reading the weights (``load_model`` of VGG16's
 553 MB: 4-8 s here), not in the conversion to a fully convolutional network (0.5 s with the
-'valid' twins; docs/compiled-calls.md has the figures). So the cache keeps what is slow to get:
+'valid' twins; bench/README.md has the figures). So the cache keeps what is slow to get:
 the classifier's architecture (its Keras JSON, every initializer replaced by zeros, so that
 building it costs no random initialisation) and each weight as an uncompressed ``.npy`` that is
 memory-mapped and assigned. The conversion then runs on the loaded model as before.
