@@ -15,6 +15,8 @@ import pytest
 keras = pytest.importorskip("keras")
 layers = keras.layers
 
+from score_checks import assert_close_scaled  # noqa: E402
+
 from shared.catalog import ModelCatalog  # noqa: E402
 from shared.jobspec import ParameterError, validate_params  # noqa: E402
 from worker.inference.direct import direct_inference, tile_cells_for_budget  # noqa: E402
@@ -24,16 +26,6 @@ from worker.inference.preprocess import get_preprocess  # noqa: E402
 
 WHOLE = 10**9
 TF = get_preprocess("tf")
-
-
-def assert_close_scaled(actual, expected, tol=1e-4):
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = float(np.abs(expected).max())
-    assert scale > 0 and float(expected.std()) > 1e-3 * scale, "reference scores are (nearly) constant"
-    err = float(np.abs(actual - expected).max())
-    assert err <= tol * scale, f"max error {err:.3g} > {tol:g} x scale {scale:.3g}"
 
 
 def random_image(height, width, seed=0):

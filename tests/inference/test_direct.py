@@ -17,6 +17,7 @@ keras = pytest.importorskip("keras")
 layers = keras.layers
 
 from call_counter import record_call  # noqa: E402 (tests/ is on sys.path)
+from score_checks import assert_close_scaled  # noqa: E402
 
 from worker.inference import direct  # noqa: E402
 from worker.inference.direct import Span, direct_inference, plan_axis, tile_cells_for_budget  # noqa: E402
@@ -28,17 +29,6 @@ TF = get_preprocess("tf")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def assert_close_scaled(actual, expected, tol=1e-4):
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = float(np.abs(expected).max())
-    assert scale > 0
-    assert float(expected.std()) > 1e-3 * scale, "reference scores are (nearly) constant"
-    err = float(np.abs(actual - expected).max())
-    assert err <= tol * scale, f"max error {err:.3g} > {tol:g} x scale {scale:.3g}"
 
 
 def random_image(height, width, seed=0):

@@ -15,23 +15,12 @@ import pytest
 keras = pytest.importorskip("keras")
 layers = keras.layers
 
+from score_checks import assert_close_scaled  # noqa: E402
+
 from worker.inference.fcn import GlobalContextError, UnsupportedModelError, to_fully_convolutional  # noqa: E402
 from worker.inference.receptive_field import receptive_field  # noqa: E402
 
 # --------------------------------------------------------------------------- helpers
-
-
-def assert_close_scaled(actual, expected, tol=1e-5):
-    """|actual - expected| <= tol * max|expected| everywhere, on non-degenerate values."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = float(np.abs(expected).max())
-    assert scale > 0, "reference is all zeros: the comparison would be meaningless"
-    # The reference must vary (otherwise a constant output would pass).
-    assert float(expected.std()) > 1e-3 * scale, "reference scores are (nearly) constant"
-    err = float(np.abs(actual - expected).max())
-    assert err <= tol * scale, f"max error {err:.3g} > {tol:g} x scale {scale:.3g}"
 
 
 def fcn_cell(fcn, x, i=0, j=0):
