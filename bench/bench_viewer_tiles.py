@@ -23,7 +23,6 @@ import argparse
 import math
 import os
 import random
-import socket
 import tempfile
 import threading
 import time
@@ -35,6 +34,7 @@ import numpy as np
 import requests
 import tifffile
 
+from bench.slow_clients import SlowClients
 from scripts.devstack import start_stack
 from shared.image_sources.dzi_geometry import TILE_SIZE, level_count
 from shared.jobs.job_status import TERMINAL, JobStatus
@@ -105,37 +105,6 @@ def run_job(base: str, slide: Path) -> tuple[dict, float, list[str]]:
     if job["status"] != JobStatus.succeeded:
         raise SystemExit(f"job failed: {job['error']}")
     return job, wall, phases
-
-
-class SlowClients:
-    """Connections that send a request line, then one header line every 2 s (never finish)."""
-
-    def __init__(self, base: str, count: int):
-        host, port = base.rsplit("/", 1)[-1].rsplit(":", 1)
-        self.sockets = []
-        for _ in range(count):
-            sock = socket.create_connection((host, int(port)), timeout=5)
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: slow\r\n")
-            self.sockets.append(sock)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._drip, daemon=True)
-        self.thread.start()
-
-    def _drip(self) -> None:
-        n = 0
-        while not self.stop.wait(2.0):
-            n += 1
-            for sock in self.sockets:
-                try:
-                    sock.sendall(f"X-Slow-{n}: {n}\r\n".encode())
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
-        for sock in self.sockets:
-            sock.close()
 
 
 def tile_urls(base: str, job: dict, count: int) -> list[str]:
@@ -228,7 +197,7 @@ def main() -> int:
         run_job(base, slides / "warm-up.tif")  # the worker's model loaded and traced
         job, wall, phases = run_job(base, slides / "slide.tif")
         files = files_under(Path(settings.resolved_storage_url) / results_prefix(job["id"]))
-        slow = SlowClients(base, args.slow_clients)
+        slow = SlowClients(base.rsplit("/", 1)[-1], args.slow_clients)  # host:port
         try:
             time.sleep(2.5)  # every slow connection reached the server and dripped once
             first, again = fetch_all(tile_urls(base, job, args.tiles), args.parallel)

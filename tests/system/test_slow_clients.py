@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 import requests
 from conftest import Stack, make_database
 
+from bench.slow_clients import SlowClients
 from scripts.embedded_redis import free_port
 from shared.settings import REPO_ROOT
 
@@ -102,37 +102,6 @@ def nginx(tmp_path, dev_server):
     yield f"127.0.0.1:{port}", stack
     proc.terminate()
     proc.wait(timeout=30)
-
-
-class SlowClients:
-    """Connections that send a request line, then one header line every `interval` s."""
-
-    def __init__(self, address: str, count: int, interval: float = 2.0):
-        host, port = address.rsplit(":", 1)
-        self.sockets = []
-        for _ in range(count):
-            sock = socket.create_connection((host, int(port)), timeout=5)
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: slow\r\n")
-            self.sockets.append(sock)
-        self.interval, self.stop = interval, threading.Event()
-        self.thread = threading.Thread(target=self._drip, daemon=True)
-        self.thread.start()
-
-    def _drip(self) -> None:
-        n = 0
-        while not self.stop.wait(self.interval):
-            n += 1
-            for sock in self.sockets:
-                try:
-                    sock.sendall(f"X-Slow-{n}: {n}\r\n".encode())
-                except OSError:  # the server gave up on this one: as it should
-                    pass
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
-        for sock in self.sockets:
-            sock.close()
 
 
 def answered_within(address: str, n: int, limit_s: float) -> float:
