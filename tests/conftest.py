@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -97,6 +98,10 @@ class Stack:
         )
         self.workers: list[subprocess.Popen] = []
         self._app = None
+        # Tests call client() from several threads at once; the app is built once, under the
+        # lock (concurrent create_app calls raced each other, and CPython 3.11's ast.parse, which
+        # werkzeug uses to compile routes, is not safe across threads).
+        self._app_lock = threading.Lock()
 
     # environment for subprocesses, from the same settings
     def env(self, **extra) -> dict[str, str]:
@@ -111,11 +116,13 @@ class Stack:
 
     @property
     def app(self):
-        if self._app is None:
-            from api import create_app
+        with self._app_lock:
+            if self._app is None:
+                from api import create_app
 
-            self._app = create_app(self.settings)
-            self._app.config["TESTING"] = True
+                app = create_app(self.settings)
+                app.config["TESTING"] = True
+                self._app = app
         return self._app
 
     def client(self, key: str | None = "alice"):
