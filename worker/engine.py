@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,7 +23,7 @@ from shared.jobspec import JobParams
 from shared.storage import VIEWER_DIR
 from worker.grid import KeepFn, ProgressFn, ScoreGrid
 from worker.inference.analysis_raster import ArrayRaster, Raster, choose_resolution, open_raster
-from worker.inference.direct import direct_inference
+from worker.inference.direct import direct_inference, resolve_scheme
 from worker.inference.inference_plan import (
     build_mask,
     check_analysis_size,
@@ -31,6 +33,7 @@ from worker.inference.inference_plan import (
     window_keeper,
 )
 from worker.inference.model_registry import LoadedModel, ModelRegistry
+from worker.inference.shard_bands import Band, GridGeometry, assemble, compute_band, plan_bands
 from worker.inference.tiled import tiled_inference
 from worker.inference.tissue_mask import overview
 from worker.outputs.artifacts import write_heatmap, write_overlays, write_summary
@@ -109,6 +112,78 @@ def compute_grid(
     )
 
 
+@dataclass
+class OpenJob:
+    """A job's input, opened and checked: the model, the source, the analysis raster and
+    the mask. What the whole run, a shard and the assembly of shards all start from."""
+
+    params: JobParams
+    loaded: LoadedModel
+    source: ImageSource
+    raster: Raster
+    mask: Any
+    mask_mode: str
+    keep: KeepFn | None
+    timings: dict
+    started: float
+
+    def geometry(self) -> GridGeometry:
+        """The job's grid of windows (analysis pixels)."""
+        raster, params, loaded = self.raster, self.params, self.loaded
+        if params.mode == "direct":
+            return GridGeometry.direct(loaded.fcn_at(params.stride), raster.height, raster.width)
+        stride = params.stride or max(1, loaded.window[0] // 2)
+        return GridGeometry.tiled(loaded.window, (stride, stride), raster.height, raster.width)
+
+    def computed(self, geometry: GridGeometry) -> np.ndarray | None:
+        """The windows the mask keeps (None: every window)."""
+        if self.keep is None:
+            return None
+        return np.asarray(self.keep(geometry.rows, geometry.cols, geometry.window), dtype=bool)
+
+    def mode_options(self, geometry: GridGeometry) -> dict:
+        """What `shard_bands.compute_band` needs besides the band: the scheme the whole image
+        would run (so that every shard runs the same one), or the tiled-mode knobs."""
+        params = self.params
+        if geometry.fcn is not None:
+            scheme = resolve_scheme(
+                geometry.fcn, self.raster.height, self.raster.width, params.memory_budget_mb, self.keep is not None
+            )
+            return {"scheme": scheme, "memory_budget_mb": params.memory_budget_mb}
+        stride = params.stride or max(1, self.loaded.window[0] // 2)
+        return {"classifier": self.loaded.classifier, "stride": (stride, stride), "batch_size": params.batch_size}
+
+
+@contextmanager
+def open_job(
+    image_source: str | Path | BinaryIO,
+    params: JobParams,
+    registry: ModelRegistry,
+    *,
+    max_pixels: int,
+    max_region_pixels: int = DEFAULT_MAX_REGION_PIXELS,
+    mask_image: str | Path | None = None,
+    phase: PhaseFn = _no_phase,
+) -> Iterator[OpenJob]:
+    """Load the model, open the source, choose the resolution, build the mask and run the
+    checks (``model_load_s``, ``decode_s``); the source stays open inside the block."""
+    started = time.perf_counter()
+    phase(JobPhase.reading, 0.0)
+    loaded = registry.load(params.model, params.precision)
+    timings = {"model_load_s": time.perf_counter() - started}
+    with open_image_source(
+        image_source, max_pixels=max_pixels, max_region_pixels=max_region_pixels, min_size=loaded.window
+    ) as source:
+        clock = time.perf_counter()
+        raster = open_raster(source, choose_resolution(source, params.level, params.mpp))
+        check_analysis_size(raster, loaded.window)
+        mask, mask_mode = build_mask(source, params, mask_image, max_pixels)
+        keep = None if mask is None else window_keeper(mask, raster.scale, params.mask_min_fraction)
+        check_grid_memory(raster, params, loaded)
+        timings["decode_s"] = time.perf_counter() - clock
+        yield OpenJob(params, loaded, source, raster, mask, mask_mode, keep, timings, started)
+
+
 def run_inference(
     image_source: str | Path | BinaryIO,
     params: JobParams,
@@ -122,6 +197,7 @@ def run_inference(
     viewer: bool = False,
     georeference: Mapping[str, Any] | None = None,
     phase: PhaseFn = _no_phase,
+    shards: int = 1,
 ) -> dict:
     """Compute heatmaps for one image and write them to `out_dir`; returns the summary.
     `viewer`: also write the web viewer's Deep Zoom pyramids (`viewer/`; the service does).
@@ -131,40 +207,85 @@ def run_inference(
     "image"). `georeference` (keys ``geotransform``, ``crs_wkt``, ``epsg``, ``mpp``: level-0
     pixels) overrides what the source states; it places ``heatmap.tif`` and the regions on the
     map. `phase` is told when the job moves on (reading, inference, writing and each writer).
+    `shards` > 1 computes the grid as that many bands one after the other and assembles them,
+    as the service's workers do in parallel (``worker.inference.shard_bands``; same grid).
     Raises ``shared.image_sources.pillow_decoder.ImageError`` for bad images, ``shared.catalog.CatalogError``
     for unknown models, and whatever `progress` raises (e.g. a cancellation).
     """
+    with open_job(
+        image_source,
+        params,
+        registry,
+        max_pixels=max_pixels,
+        max_region_pixels=max_region_pixels,
+        mask_image=mask_image,
+        phase=phase,
+    ) as job:
+        phase(JobPhase.inference, 0.0)
+        clock = time.perf_counter()
+        if shards > 1:
+            geometry = job.geometry()
+            bands = plan_bands(geometry, shards, job.computed(geometry))
+            parts = [compute_shard(job, geometry, band, progress) for band in bands]
+            grid = assemble(geometry, parts, bands, masked=job.keep is not None)
+            extra = {"shards": {"count": len(bands), "done": len(bands), "workers": [], "recomputed": 0}}
+        else:
+            grid = compute_grid(job.raster, params, job.loaded, progress, job.keep)
+            extra = {}
+        job.timings["inference_s"] = time.perf_counter() - clock
+        return write_results(job, grid, out_dir, viewer=viewer, georeference=georeference, phase=phase, extra=extra)
+
+
+def compute_shard(job: OpenJob, geometry: GridGeometry, band: Band, progress: ProgressFn | None = None) -> ScoreGrid:
+    """One band of the job's grid (analysis pixels, every class or the explicit ones)."""
+    return compute_band(
+        geometry,
+        band,
+        job.raster,
+        job.loaded.preprocess,
+        mode_options=job.mode_options(geometry),
+        class_indices=job.params.class_indices,
+        keep=job.keep,
+        progress=progress,
+    )
+
+
+def write_results(
+    job: OpenJob,
+    grid: ScoreGrid,
+    out_dir: str | Path,
+    *,
+    viewer: bool = False,
+    georeference: Mapping[str, Any] | None = None,
+    phase: PhaseFn = _no_phase,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
+    """Select the classes of the job's grid (analysis pixels), write every output to
+    `out_dir` and return the summary (`extra` joins it, e.g. the shards)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    phase(JobPhase.reading, 0.0)
-    loaded = registry.load(params.model, params.precision)
-    timings = {"model_load_s": time.perf_counter() - started}
-    with open_image_source(
-        image_source, max_pixels=max_pixels, max_region_pixels=max_region_pixels, min_size=loaded.window
-    ) as source:
-        grid, raster, mask, mask_mode = _compute(
-            source, params, loaded, mask_image, max_pixels, (progress, phase), timings
-        )
-        clock = time.perf_counter()
-        info = source.info
-        summary = {
-            "image": {"width": info.width, "height": info.height},
-            "source": source_summary(info, raster),
-            "model": loaded.name,
-            "mode": params.mode,
-            "precision": loaded.precision,
-            "device": loaded.device,
-            "parameters": params.to_json(),
-            "grid": _grid_summary(grid),
-            "mask": mask_summary(grid, mask, mask_mode, params.mask_min_fraction),
-        }
-        place = dict(georeference) if georeference is not None else georeference_of(info)
-        steps = WriteSteps(6 if viewer else 5, phase, timings)
-        summary |= _write_outputs(out_dir, grid, source, raster, params, loaded, viewer, steps)
-        summary |= _write_map_outputs(out_dir, grid, loaded, params, place, steps)
+    params, loaded, source, raster, timings = job.params, job.loaded, job.source, job.raster, job.timings
+    grid = select_classes(grid, params, loaded.info.background_indices()).in_level0(raster.scale)
+    clock = time.perf_counter()
+    info = source.info
+    summary = {
+        "image": {"width": info.width, "height": info.height},
+        "source": source_summary(info, raster),
+        "model": loaded.name,
+        "mode": params.mode,
+        "precision": loaded.precision,
+        "device": loaded.device,
+        "parameters": params.to_json(),
+        "grid": _grid_summary(grid),
+        "mask": mask_summary(grid, job.mask, job.mask_mode, params.mask_min_fraction),
+        **(extra or {}),
+    }
+    place = dict(georeference) if georeference is not None else georeference_of(info)
+    steps = WriteSteps(6 if viewer else 5, phase, timings)
+    summary |= _write_outputs(out_dir, grid, source, raster, params, loaded, viewer, steps)
+    summary |= _write_map_outputs(out_dir, grid, loaded, params, place, steps)
     timings["write_s"] = time.perf_counter() - clock
-    timings["total_s"] = time.perf_counter() - started
+    timings["total_s"] = time.perf_counter() - job.started
     summary["timings"] = {key: round(value, 4) for key, value in timings.items()}
     write_summary(out_dir, summary)
     return summary
@@ -237,26 +358,6 @@ def _write_outputs(
             for entry, extra in zip(_class_summaries(grid, names, overlays.files), overlays.classes, strict=True)
         ],
     }
-
-
-def _compute(source: ImageSource, params: JobParams, loaded: LoadedModel, mask_image, max_pixels, callbacks, timings):
-    """Resolution, mask and checks (``decode_s``), then the scores in level-0 coordinates.
-    `callbacks`: (progress per inference unit, phase)."""
-    progress, phase = callbacks
-    clock = time.perf_counter()
-    raster = open_raster(source, choose_resolution(source, params.level, params.mpp))
-    check_analysis_size(raster, loaded.window)
-    mask, mask_mode = build_mask(source, params, mask_image, max_pixels)
-    keep = None if mask is None else window_keeper(mask, raster.scale, params.mask_min_fraction)
-    check_grid_memory(raster, params, loaded)
-    timings["decode_s"] = time.perf_counter() - clock
-    phase(JobPhase.inference, 0.0)
-    clock = time.perf_counter()
-    background = loaded.info.background_indices()
-    grid = compute_grid(raster, params, loaded, progress, keep)
-    grid = select_classes(grid, params, background).in_level0(raster.scale)
-    timings["inference_s"] = time.perf_counter() - clock
-    return grid, raster, mask, mask_mode
 
 
 def _grid_summary(grid: ScoreGrid) -> dict:

@@ -292,6 +292,15 @@ def _default_tile_cells(fcn: FullyConvolutional, budget_mb: float) -> int:
     return tile_cells_for_budget(fcn, budget_mb, cap)
 
 
+def resolve_scheme(fcn: FullyConvolutional, height: int, width: int, memory_budget_mb: float, masked: bool) -> str:
+    """The scheme ``auto`` runs for a whole image of this size ("rows" or "tiles"): what
+    every shard of a sharded job runs on its strip, so that the assembled grid is the one the
+    unsharded job computes."""
+    computed = np.ones((1, 1), dtype=bool) if masked else None
+    stages = _streaming_stages(fcn, height, width, memory_budget_mb, "auto", None, computed)
+    return "tiles" if stages is None else "rows"
+
+
 def _streaming_stages(fcn: FullyConvolutional, height, width, memory_budget_mb, scheme, tile_cells, computed):
     """The trunk's stream stages when the ``rows`` scheme runs, None for ``tiles`` (see the module docstring)."""
     if scheme == "rows" and fcn.dilation > 1:
