@@ -259,7 +259,9 @@ def assemble(geometry: GridGeometry, parts: list[ScoreGrid], bands: list[Band], 
         computed[band.row_start : band.row_stop] = True if part.computed is None else part.computed
     overhead = None
     if geometry.fcn is not None and not masked and all(p.halo_overhead is not None for p in parts):
-        strips = sum((b.pixel_stop - b.pixel_start) * geometry.width * p.halo_overhead for b, p in zip(bands, parts))
+        strips = sum(
+            (b.pixel_stop - b.pixel_start) * geometry.width * p.halo_overhead for b, p in zip(bands, parts, strict=True)
+        )
         overhead = strips / (geometry.height * geometry.width)
     return ScoreGrid(
         scores,
