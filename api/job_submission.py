@@ -95,6 +95,7 @@ def submit_job(ctx: ApiContext, submission: Submission) -> Submitted:
         max_top_k=settings.max_top_k,
         memory_budget_mb=settings.memory_budget_mb,
         mask_min_fraction=settings.mask_min_fraction,
+        shards_max=settings.shards_max,
     )
     callback_url = _callback_url(submission, settings)
     params, image = probe_input(settings, submission, params, info.input_size)

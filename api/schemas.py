@@ -92,6 +92,11 @@ class TimingsSchema(ma.Schema):
     write_overlays_s = ma.fields.Float(metadata={"description": "overlay PNGs"})
     write_raster_s = ma.fields.Float(metadata={"description": "heatmap.tif"})
     write_regions_s = ma.fields.Float(metadata={"description": "regions.geojson"})
+    shard_compute_s = ma.fields.Float(
+        metadata={
+            "description": "sharded jobs: the shards' inference seconds added up (inference_s is their wall time)"
+        }
+    )
 
 
 def _schema_field(hint) -> ma.fields.Field:
@@ -150,6 +155,15 @@ class WebhookSchema(ma.Schema):
     next_attempt_at = ma.fields.AwareDateTime(required=True, allow_none=True)
 
 
+class ShardsSchema(ma.Schema):
+    count = ma.fields.Integer(required=True, metadata={"description": "bands the job's grid is computed in"})
+    done = ma.fields.Integer(required=True)
+    workers = ma.fields.List(ma.fields.String(), required=True, metadata={"description": "workers that ran them"})
+    recomputed = ma.fields.Integer(
+        required=True, metadata={"description": "shard runs beyond one per shard (a worker died, a straggler's backup)"}
+    )
+
+
 class JobSchema(ma.Schema):
     id = ma.fields.String(required=True)
     status = ma.fields.String(required=True, validate=ma.validate.OneOf(STATUSES))
@@ -174,6 +188,12 @@ class JobSchema(ma.Schema):
     )
     retry_of = ma.fields.String(
         required=True, allow_none=True, metadata={"description": "the failed or canceled job this job retries"}
+    )
+    shards = ma.fields.Nested(
+        ShardsSchema,
+        required=True,
+        allow_none=True,
+        metadata={"description": "a job split across workers (the `shards` parameter); null when one worker runs it"},
     )
     url = ma.fields.String(required=True)
     webhook = ma.fields.Nested(
@@ -243,6 +263,7 @@ class SummarySchema(ma.Schema):
     classes = ma.fields.List(ma.fields.Nested(SummaryClassSchema), required=True)
     timings = ma.fields.Nested(TimingsSchema, required=True)
     overlay = ma.fields.Nested(OverlayLegendSchema, metadata={"description": "how the overlay PNGs are drawn"})
+    shards = ma.fields.Nested(ShardsSchema, metadata={"description": "sharded jobs: how the grid was computed"})
 
 
 class ModelSchema(ma.Schema):

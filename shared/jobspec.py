@@ -117,6 +117,13 @@ FORM_FIELDS: tuple[FormField, ...] = (
         api_only=True,
     ),
     FormField(
+        "shards",
+        "string",
+        "split the job into bands of rows that idle workers compute in parallel (same grid): auto (the "
+        "default: only when the job is large enough to pay for it) or 1 to SHARDS_MAX (1: one worker)",
+        max_length=8,
+    ),
+    FormField(
         "precision",
         "string",
         "compute precision; default the worker's WORKER_PRECISION (float32 unless set); float16 needs a GPU worker",
@@ -168,6 +175,7 @@ class JobParams:
     image_url: str | None = None  # input by reference (checked against INPUT_URL_PREFIXES)
     threshold: float = DEFAULT_THRESHOLD  # regions.geojson: cells scoring at or above this
     precision: str | None = None  # compute precision; None = the worker's default (WORKER_PRECISION)
+    shards: int | None = None  # bands computed by separate workers; None = auto (worker.inference.shard_bands)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -234,6 +242,7 @@ def validate_params(
     max_top_k: int = 20,
     memory_budget_mb: int = 1024,
     mask_min_fraction: float = 0.25,
+    shards_max: int = 16,
 ) -> JobParams:
     """Check raw (form or CLI) values against the model; raise ParameterError on the first problem."""
     mode = raw.get("mode") or "direct"
@@ -283,7 +292,15 @@ def validate_params(
         image_url=(raw.get("image_url") or None),
         threshold=_threshold(raw.get("threshold")),
         precision=precision,
+        shards=_shards(raw.get("shards"), shards_max),
     )
+
+
+def _shards(value: Any, shards_max: int) -> int | None:
+    """None for auto (or nothing given), else an integer 1..`shards_max`."""
+    if value in (None, "") or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    return _integer("shards", value, 1, shards_max, "SHARDS_MAX")
 
 
 def _stride(stride: Any, mode: str, info: ModelInfo) -> int | None:

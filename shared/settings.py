@@ -125,6 +125,27 @@ class Settings(BaseSettings):
     retention_hours: float = Field(168.0, gt=0, description="Finished jobs and their files are deleted after this.")
     transient_retries: int = Field(3, ge=0, description="Retries of a database or storage call before failing.")
 
+    # --- shards: one large job over many workers (issue 16, docs/operations.md) -----------
+    shards_max: int = Field(
+        16,
+        ge=1,
+        description=(
+            "Most shards one job is split into (the `shards` parameter's upper bound, and what `auto` "
+            "never exceeds); about the number of workers a single job may occupy at once."
+        ),
+    )
+    straggler_factor: float = Field(
+        3.0,
+        gt=1,
+        description=(
+            "A shard still running when every other shard of its job is done, for longer than this many "
+            "times their median duration, gets a backup run on another worker; the first to commit wins."
+        ),
+    )
+    straggler_min_s: float = Field(
+        60.0, ge=0, description="No backup run for a shard that has run less than this (seconds)."
+    )
+
     # --- large images (region reads, masks, input by reference) --------------------------
     max_region_pixels: int = Field(
         40_000_000_000,

@@ -60,6 +60,18 @@ def results_prefix(job_id: str) -> str:
     return f"results/{job_id}"
 
 
+def shard_prefix(job_id: str) -> str:
+    """Folder of a sharded job's partial grids (one per shard run), removed once the job is
+    assembled, and with the job."""
+    return f"shards/{job_id}"
+
+
+def shard_key(job_id: str, index: int, token: str) -> str:
+    """One shard run's partial grid: named by its claim token too, so that a straggler's
+    backup run never overwrites the run that won (issue 16)."""
+    return f"{shard_prefix(job_id)}/{int(index):05d}-{token}.npz"
+
+
 def overlay_filename(class_index: int) -> str:
     """Overlay PNG of one class, named by index (class names may hold any character)."""
     return f"overlay_{int(class_index)}.png"
@@ -255,15 +267,16 @@ class Storage:
             pass
 
     def delete_job_files(self, job_id: str) -> None:
-        """Remove a job's results and upload (deleted job, retention, failed unreadable input)."""
+        """Remove a job's results, partial grids and upload (deleted job, retention, orphans)."""
         self.delete_prefix(results_prefix(job_id))
+        self.delete_prefix(shard_prefix(job_id))
         self.delete_prefix(upload_prefix(job_id))
 
     def job_folders(self) -> dict[str, float]:
-        """Every job id that has an upload or results folder, with the newest modification
-        time (epoch seconds) of the folder or anything in it; for the orphan sweep."""
+        """Every job id that has an upload, results or shards folder, with the newest
+        modification time (epoch seconds) of the folder or anything in it; for the orphan sweep."""
         found: dict[str, float] = {}
-        for parent in (upload_prefix(""), results_prefix("")):
+        for parent in (upload_prefix(""), results_prefix(""), shard_prefix("")):
             base = self.path(parent.rstrip("/"))
             try:
                 entries = self.fs.ls(base, detail=True) if self.fs.exists(base) else []

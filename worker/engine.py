@@ -221,19 +221,26 @@ def run_inference(
         mask_image=mask_image,
         phase=phase,
     ) as job:
-        phase(JobPhase.inference, 0.0)
-        clock = time.perf_counter()
-        if shards > 1:
-            geometry = job.geometry()
-            bands = plan_bands(geometry, shards, job.computed(geometry))
-            parts = [compute_shard(job, geometry, band, progress) for band in bands]
-            grid = assemble(geometry, parts, bands, masked=job.keep is not None)
-            extra = {"shards": {"count": len(bands), "done": len(bands), "workers": [], "recomputed": 0}}
-        else:
-            grid = compute_grid(job.raster, params, job.loaded, progress, job.keep)
-            extra = {}
-        job.timings["inference_s"] = time.perf_counter() - clock
+        grid, extra = infer(job, progress, phase, shards)
         return write_results(job, grid, out_dir, viewer=viewer, georeference=georeference, phase=phase, extra=extra)
+
+
+def infer(job: OpenJob, progress: ProgressFn | None = None, phase: PhaseFn = _no_phase, shards: int = 1):
+    """The job's grid (analysis pixels) in one run, or as `shards` bands one after the other
+    (assembled: the same grid); returns (grid, what the summary adds: the shards)."""
+    phase(JobPhase.inference, 0.0)
+    clock = time.perf_counter()
+    extra = {}
+    if shards > 1:
+        geometry = job.geometry()
+        bands = plan_bands(geometry, shards, job.computed(geometry))
+        parts = [compute_shard(job, geometry, band, progress) for band in bands]
+        grid = assemble(geometry, parts, bands, masked=job.keep is not None)
+        extra = {"shards": {"count": len(bands), "done": len(bands), "workers": [], "recomputed": 0}}
+    else:
+        grid = compute_grid(job.raster, job.params, job.loaded, progress, job.keep)
+    job.timings["inference_s"] = time.perf_counter() - clock
+    return grid, extra
 
 
 def compute_shard(job: OpenJob, geometry: GridGeometry, band: Band, progress: ProgressFn | None = None) -> ScoreGrid:

@@ -73,6 +73,7 @@ def _infer(args: argparse.Namespace, settings, registry) -> int:
             max_top_k=max(settings.max_top_k, len(info.classes)),
             memory_budget_mb=settings.memory_budget_mb,
             mask_min_fraction=settings.mask_min_fraction,
+            shards_max=settings.shards_max,
         )
         params = dataclasses.replace(params, model=args.model or settings.default_model)
         bar = _ProgressBar("tile" if params.mode == "direct" else "batch")
@@ -85,6 +86,7 @@ def _infer(args: argparse.Namespace, settings, registry) -> int:
             max_region_pixels=settings.max_region_pixels,
             mask_image=mask_image,
             progress=bar,
+            shards=params.shards or 1,  # one process: auto is one shard; N runs N bands in turn, same grid
         )
     except InputError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)

@@ -17,7 +17,7 @@ import os
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
 from shared.jobs.database import dispose_engines
-from shared.jobs.queue import RUN_JOB_TASK, make_celery
+from shared.jobs.queue import RUN_JOB_TASK, RUN_SHARD_TASK, make_celery
 from shared.settings import get_settings
 
 log = logging.getLogger("heatmaps.worker")
@@ -49,7 +49,7 @@ def get_context():
         configure_accelerator()
         from shared.storage import Storage
         from worker.inference.model_registry import ModelRegistry
-        from worker.jobrunner import WorkerContext
+        from worker.job_context import WorkerContext
 
         registry = ModelRegistry(
             settings.model_dirs, settings.vgg16_weights, settings.worker_precision, settings.resolved_model_cache_dir
@@ -119,3 +119,11 @@ def run_job(job_id: str) -> str:
     from worker.jobrunner import execute
 
     return execute(str(job_id), get_context())
+
+
+@app.task(name=RUN_SHARD_TASK, ignore_result=True)
+def run_shard(job_id: str, index: int, backup: bool = False) -> str | None:
+    """One shard of a sharded job (worker.shard_runner); any worker runs any shard."""
+    from worker.shard_runner import execute_shard
+
+    return execute_shard(str(job_id), int(index), get_context(), bool(backup))

@@ -26,10 +26,11 @@ from api.schemas import (
     media_type,
 )
 from shared.error_text import public_message
-from shared.jobs import job_metrics, job_store
+from shared.jobs import job_metrics, job_store, shard_store
 from shared.jobs.database import session_scope
 from shared.jobs.job_status import ACTIVE, JobStatus, public_phase
 from shared.jobs.tables import Job
+from shared.storage import shard_prefix
 
 log = logging.getLogger("heatmaps.api")
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Heatmap jobs")
@@ -61,8 +62,9 @@ def job_url(job_id: str) -> str:
     return url_for("jobs.Job", job_id=job_id)
 
 
-def represent(job: Job) -> dict:
-    """The job as clients see it; artifact links only through the job routes."""
+def represent(job: Job, shards: dict | None = None) -> dict:
+    """The job as clients see it; artifact links only through the job routes. `shards`: the
+    job's shard summary when the caller read it already (a page of jobs: one query)."""
     result = None
     if job.status == JobStatus.succeeded and job.result:
         summary = job.result["summary"]
@@ -106,7 +108,19 @@ def represent(job: Job) -> dict:
         "retry_of": job.retry_of,
         "url": job_url(job.id),
         "webhook": _webhook(job),
+        "shards": shards if shards is not None else _shards(job),
     }
+
+
+def _shards(job: Job) -> dict | None:
+    """A sharded job's shards (count, done, workers, recomputed); None for a job one worker
+    runs. Read from the shard rows while they exist, else from the result's summary."""
+    if job.status == JobStatus.succeeded and job.result:
+        return job.result["summary"].get("shards")
+    if not job.shards_total:
+        return None
+    with _db() as session:
+        return shard_store.summaries(session, [job.id]).get(job.id)
 
 
 def _webhook(job: Job) -> dict | None:
@@ -174,7 +188,9 @@ class Jobs(MethodView):
                 page = job_store.list_jobs(session, g.owner, query.get("status"), query["limit"], query.get("cursor"))
             except job_store.BadCursor:
                 raise ApiError(400, "invalid_parameter", "cursor is not valid") from None
-            return {"jobs": [represent(job) for job in page.jobs], "next_cursor": page.next_cursor}
+            sharded = shard_store.summaries(session, [job.id for job in page.jobs if job.shards_total])
+            jobs = [represent(job, sharded.get(job.id)) if job.id in sharded else represent(job) for job in page.jobs]
+            return {"jobs": jobs, "next_cursor": page.next_cursor}
 
     @blp.doc(
         operationId="submitJob",
@@ -234,6 +250,7 @@ class JobResource(MethodView):
             if job_store.cancel(session, job.id):
                 session.commit()
                 job_metrics.count_outcome(_ctx().settings, JobStatus.canceled)
+                _discard_partials(job)
                 session.refresh(job)
                 return represent(job), 202
         with _db() as session:
@@ -261,8 +278,21 @@ class JobCancel(MethodView):
                     409, "job_finished", f"the job has already ended ({job.status}); there is nothing to cancel"
                 )
             session.commit()
+            _discard_partials(job)
             session.refresh(job)
             return represent(job), 202
+
+
+def _discard_partials(job: Job) -> None:
+    """A canceled sharded job's partial grids are of no use: removed now (a shard storing one
+    meanwhile finds the job canceled at its commit and removes its own). A storage hiccup
+    leaves them to the job's deletion; the cancel stands either way."""
+    if not job.shards_total:
+        return
+    try:
+        _ctx().storage.delete_prefix(shard_prefix(job.id))
+    except Exception as exc:
+        log.warning("partial grids of canceled job %s not removed yet: %s", job.id, exc)
 
 
 def _artifact(job_id: str, pick):

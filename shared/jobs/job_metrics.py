@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from shared.jobs import job_store
 from shared.jobs.database import session_scope
-from shared.jobs.job_status import JobStatus
+from shared.jobs.job_status import JobStatus, ShardState
 from shared.jobspec import MODES
 from shared.settings import Settings
 
@@ -39,6 +39,10 @@ HISTOGRAMS = {
     "duration": DURATION_BUCKETS,
     "tiles_per_second": TILES_PER_SECOND_BUCKETS,
 }
+
+
+#: How a shard run can end (the `heatmap_shards` counter's labels).
+SHARD_OUTCOMES = (ShardState.done.value, ShardState.failed.value, "lost")
 
 
 def _prefix(settings: Settings) -> str:
@@ -80,6 +84,17 @@ def count_outcome(settings: Settings, outcome: JobStatus, mode: str | None = Non
         pipe.execute()
     except redis.RedisError as exc:
         log.warning("metrics: could not count a %s job: %s", outcome.value, exc)
+
+
+def count_shard(settings: Settings, outcome: str) -> None:
+    """One shard run ended: `outcome` is a ShardState (done, failed) or "lost" (its run was
+    stopped: the job canceled, the shard re-queued, a backup committed first)."""
+    if not settings.redis_url:
+        return
+    try:
+        _client(settings.redis_url).hincrby(f"{_prefix(settings)}:shards", outcome, 1)
+    except redis.RedisError as exc:
+        log.warning("metrics: could not count a shard: %s", exc)
 
 
 def observe_job_end(settings: Settings, job_id: str, token: str) -> None:
@@ -125,7 +140,9 @@ def collect(settings: Settings, client: redis.Redis):
             pipe.hgetall(f"{prefix}:{name}:{mode}")
     pipe.hgetall(f"{prefix}:tiles")
     pipe.hgetall(f"{prefix}:inference_seconds")
+    pipe.hgetall(f"{prefix}:shards")
     replies = [{k.decode(): float(v) for k, v in reply.items()} for reply in pipe.execute()]
+    shard_runs = replies.pop()
     outcomes = CounterMetricFamily("heatmap_jobs_finished", "Jobs that reached a final state", labels=["outcome"])
     for outcome in OUTCOMES:
         outcomes.add_metric([outcome.value], replies[0].get(outcome.value, 0.0))
@@ -148,3 +165,9 @@ def collect(settings: Settings, client: redis.Redis):
         seconds.add_metric([mode], replies[-1].get(mode, 0.0))
     yield tiles
     yield seconds
+    shards = CounterMetricFamily(
+        "heatmap_shards", "Shard runs of sharded jobs that ended, by outcome (done, failed, lost)", labels=["outcome"]
+    )
+    for outcome in SHARD_OUTCOMES:
+        shards.add_metric([outcome], shard_runs.get(outcome, 0.0))
+    yield shards

@@ -27,6 +27,17 @@ ACTIVE = frozenset({JobStatus.queued, JobStatus.running})
 RETRYABLE = (JobStatus.failed, JobStatus.canceled)
 
 
+class ShardState(enum.StrEnum):
+    """A shard of a sharded job (issue 16; shared.jobs.shard_store): queued until a worker
+    claims it, running while it computes its band, done once its partial grid is stored
+    and committed, failed when its input was bad (the job fails with the same reason)."""
+
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
 class JobPhase(enum.StrEnum):
     """What a job is doing now (the job JSON's `phase`): a running job reads its input, runs
     the model, writes its outputs and stores them; so that progress never sits silently at

@@ -21,11 +21,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, false, func, or_, select, text, tuple_, update
+from sqlalchemy import and_, delete, exists, false, func, or_, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
-from shared.jobs.job_status import ACTIVE, TERMINAL, JobPhase, JobStatus, phase_progress
-from shared.jobs.tables import Job, utcnow
+from shared.jobs.job_status import ACTIVE, TERMINAL, JobPhase, JobStatus, ShardState, phase_progress
+from shared.jobs.tables import Job, JobShard, utcnow
 
 _ACTIVE = [s.value for s in ACTIVE]
 _TERMINAL = [s.value for s in TERMINAL]
@@ -171,6 +171,8 @@ def claim(session: Session, job_id: str, worker: str) -> str | None:
         phase=JobPhase.reading.value,
         units_done=0,
         units_total=0,
+        assembler=None,
+        shards_total=0,  # set again by the plan (shard_store.create_shards), which keeps the shards done
     )
     return token if claimed else None
 
@@ -240,18 +242,29 @@ def cancel(session: Session, job_id: str) -> bool:
 
 
 def delete_finished(session: Session, job_id: str) -> bool:
+    """Delete a finished job's row and its shard rows (one transaction)."""
     result = session.execute(delete(Job).where(Job.id == job_id, Job.status.in_(_TERMINAL)))
-    return result.rowcount == 1
+    if result.rowcount != 1:
+        return False
+    session.execute(delete(JobShard).where(JobShard.job_id == job_id))
+    return True
 
 
 # --- reconciliation ----------------------------------------------------------------------
 def rescue_stale(session: Session, stale_after_s: float, max_attempts: int) -> tuple[list[str], list[str]]:
     """Running jobs whose worker stopped heart-beating: re-queue them, or fail them once they
-    used all their attempts. Returns (requeued ids, failed ids)."""
+    used all their attempts. Returns (requeued ids, failed ids). A sharded job computing its
+    shards is left to its shards' own heartbeats (shared.jobs.shard_store.rescue_stale: its
+    shards may wait in the queue for a long time); once assembling - or once every shard is
+    done and nobody assembles (the last shard's worker died before its election) - it is
+    watched like any job, and a re-queued job keeps the shards already done."""
+    _undone_shard = exists().where(JobShard.job_id == Job.id, JobShard.state != ShardState.done.value)
     cutoff = utcnow() - timedelta(seconds=stale_after_s)
     stale = session.execute(
         select(Job.id, Job.attempts, Job.claim_token).where(
-            Job.status == JobStatus.running.value, Job.heartbeat_at < cutoff
+            Job.status == JobStatus.running.value,
+            Job.heartbeat_at < cutoff,
+            or_(Job.shards_total == 0, Job.assembler.is_not(None), ~_undone_shard),
         )
     ).all()
     requeued, failed = [], []
@@ -277,6 +290,7 @@ def rescue_stale(session: Session, stale_after_s: float, max_attempts: int) -> t
             enqueued_at=None,
             worker=None,
             progress=0.0,
+            assembler=None,
         ):
             requeued.append(job_id)
     return requeued, failed

@@ -12,13 +12,15 @@ from celery import Celery
 from shared.settings import Settings
 
 RUN_JOB_TASK = "heatmaps.run_job"
+#: One shard of a sharded job (issue 16): args ``[job_id, shard_index, backup]``.
+RUN_SHARD_TASK = "heatmaps.run_shard"
 
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("heatmaps", broker=settings.redis_url or "redis://127.0.0.1:6379/0")
     app.conf.update(
         task_default_queue=settings.queue_name,
-        task_routes={RUN_JOB_TASK: {"queue": settings.queue_name}},
+        task_routes={RUN_JOB_TASK: {"queue": settings.queue_name}, RUN_SHARD_TASK: {"queue": settings.queue_name}},
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -62,3 +64,13 @@ def send_job(settings: Settings, job_id: str) -> None:
     and the reconciler re-sends it later."""
     app = celery_for(settings)
     app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=settings.queue_name, retry=False)
+
+
+def send_shard(settings: Settings, job_id: str, index: int, backup: bool = False) -> None:
+    """Publish one shard of a job (on the jobs' queue: any worker runs any shard). Raises on
+    broker failure; the shard row stays `queued` and the reconciler sends it later."""
+    app = celery_for(settings)
+    task_id = f"{job_id}.{int(index)}{'.backup' if backup else ''}"
+    app.send_task(
+        RUN_SHARD_TASK, args=[job_id, int(index), bool(backup)], task_id=task_id, queue=settings.queue_name, retry=False
+    )

@@ -1,7 +1,7 @@
 """The reconciler: makes sure no job is lost between the database and the broker.
 
 Each pass (every RECONCILE_INTERVAL_S, in a thread of every worker's main process, or as
-``python -m shared.jobs.reconcile`` from cron) does three things, all safe to run concurrently:
+``python -m shared.jobs.reconcile`` from cron) does these things, all safe to run concurrently:
 
 1. running jobs whose heartbeat is stale (their worker died) are re-queued, or failed once
    they used JOB_MAX_ATTEMPTS;
@@ -9,7 +9,10 @@ Each pass (every RECONCILE_INTERVAL_S, in a thread of every worker's main proces
    lost the message) are sent again;
 3. finished jobs past RETENTION_HOURS are deleted with their files (the row first, then
    the files: a crash in between leaves files without a row, never the reverse);
-4. the orphan sweep: upload and result folders of job ids that have no row, untouched for
+4. the shards of sharded jobs: a shard whose worker died is re-queued (or its job failed
+   once the shard used JOB_MAX_ATTEMPTS), a queued shard whose message may be missing is sent
+   again, and a straggler gets a backup run (`reconcile_shards`, shared.jobs.shard_store);
+5. the orphan sweep: upload and result folders of job ids that have no row, untouched for
    ORPHAN_GRACE_S, are removed. They are what a worker that died while storing results for
    a job deleted meanwhile leaves behind, or an API process that died between storing an
    upload and inserting its row. The grace period covers that normal window (the upload
@@ -23,10 +26,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from shared.jobs import job_metrics, job_store
+from shared.jobs import job_metrics, job_store, shard_store
 from shared.jobs.database import session_scope
 from shared.jobs.job_status import JobStatus
-from shared.jobs.queue import send_job
+from shared.jobs.queue import send_job, send_shard
 from shared.settings import Settings, get_settings
 from shared.storage import Storage
 
@@ -41,6 +44,9 @@ class PassReport:
     send_errors: int = 0
     deleted: list[str] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
+    shards_requeued: list[tuple[str, int]] = field(default_factory=list)
+    shards_sent: list[tuple[str, int]] = field(default_factory=list)
+    backups_sent: list[tuple[str, int]] = field(default_factory=list)
 
 
 def reconcile_once(settings: Settings, storage: Storage | None = None) -> PassReport:
@@ -66,19 +72,53 @@ def reconcile_once(settings: Settings, storage: Storage | None = None) -> PassRe
         with session_scope(url) as session:
             job_store.mark_enqueued(session, job_id)
         report.sent.append(job_id)
+    reconcile_shards(settings, report)
     storage = storage or Storage.from_settings(settings)
     report.deleted = expire_finished(settings, storage)
     report.swept = sweep_orphans(settings, storage)
-    if report.requeued or report.failed or report.sent or report.deleted or report.swept:
+    if report.requeued or report.failed or report.sent or report.deleted or report.swept or report.shards_sent:
         log.info(
-            "reconcile: requeued=%d failed=%d sent=%d deleted=%d swept=%d",
+            "reconcile: requeued=%d failed=%d sent=%d deleted=%d swept=%d shards requeued=%d sent=%d backups=%d",
             len(report.requeued),
             len(report.failed),
             len(report.sent),
             len(report.deleted),
             len(report.swept),
+            len(report.shards_requeued),
+            len(report.shards_sent),
+            len(report.backups_sent),
         )
     return report
+
+
+def reconcile_shards(settings: Settings, report: PassReport) -> None:
+    """The shards of sharded jobs (shared.jobs.shard_store): re-queue those whose worker
+    died (or fail their job once a shard used its attempts), send those whose message may
+    be missing, and give a straggler a backup run."""
+    url = settings.resolved_database_url
+    with session_scope(url) as session:
+        report.shards_requeued, failed = shard_store.rescue_stale(
+            session, settings.stale_after_s, settings.job_max_attempts
+        )
+    report.failed.extend(failed)
+    for _ in failed:
+        job_metrics.count_outcome(settings, JobStatus.failed)
+    with session_scope(url) as session:
+        pending = list(
+            dict.fromkeys(report.shards_requeued + shard_store.to_send(session, settings.requeue_queued_after_s))
+        )
+        backups = shard_store.stragglers(session, settings.straggler_factor, settings.straggler_min_s)
+    for sent, shards, backup in ((report.shards_sent, pending, False), (report.backups_sent, backups, True)):
+        for job_id, index in shards:
+            try:
+                send_shard(settings, job_id, index, backup)
+            except Exception as exc:  # broker still down: try again next pass
+                report.send_errors += 1
+                log.warning("could not send shard %d of job %s: %s", index, job_id, exc)
+                return
+            with session_scope(url) as session:
+                shard_store.mark_enqueued(session, job_id, index, backup)
+            sent.append((job_id, index))
 
 
 def expire_finished(settings: Settings, storage: Storage) -> list[str]:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from sqlalchemy import JSON, BigInteger, DateTime, Float, Index, Integer, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from shared.jobs.job_status import JobStatus
+from shared.jobs.job_status import JobStatus, ShardState
 
 
 def utcnow() -> datetime:
@@ -123,3 +123,41 @@ class Job(Base):
     retry_of: Mapped[str | None] = mapped_column(
         String(32), nullable=True, doc="the failed or canceled job this one retries (unique: one retry per job)"
     )
+    # --- shards (migration 0006, issue 16) ---
+    shards_total: Mapped[int] = mapped_column(
+        Integer, default=0, doc="0: one worker runs the job; N: its grid is computed as N shards (job_shards rows)"
+    )
+    assembler: Mapped[str | None] = mapped_column(
+        String(32), nullable=True, doc="claim token of the shard run that assembles the outputs (set once, by election)"
+    )
+
+
+class JobShard(Base):
+    """One band of a sharded job's grid (shared.jobs.shard_store): claimed, heart-beaten and
+    committed like a job, so that any worker runs any shard and a dead one's shard runs again."""
+
+    __tablename__ = "job_shards"
+    __table_args__ = (Index("ix_job_shards_state_heartbeat", "state", "heartbeat_at"),)
+
+    job_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    shard_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default=ShardState.queued.value)
+    row_start: Mapped[int] = mapped_column(Integer, doc="output rows [row_start, row_stop) of the job's grid")
+    row_stop: Mapped[int] = mapped_column(Integer)
+    work: Mapped[int] = mapped_column(Integer, default=0, doc="computed windows in the band")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, doc="runs claimed, backups included")
+    token: Mapped[str | None] = mapped_column(
+        String(32), nullable=True, doc="the run holding it (the winner once done)"
+    )
+    backup_token: Mapped[str | None] = mapped_column(String(32), nullable=True, doc="a straggler's backup run")
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    backup_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    units_done: Mapped[int] = mapped_column(Integer, default=0)
+    units_total: Mapped[int] = mapped_column(Integer, default=0)
+    compute_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    result_key: Mapped[str | None] = mapped_column(String(500), nullable=True, doc="storage key of the partial grid")

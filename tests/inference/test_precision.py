@@ -26,7 +26,7 @@ from worker.inference.compute_precision import apply_precision, compute_device  
 from worker.inference.direct import direct_inference  # noqa: E402
 from worker.inference.fcn import to_fully_convolutional  # noqa: E402
 from worker.inference.model_registry import ModelRegistry, PrecisionUnavailableError  # noqa: E402
-from worker.jobrunner import describe_failure  # noqa: E402
+from worker.job_context import describe_failure  # noqa: E402
 
 LABELS = ["circle", "square", "triangle", "cross"]
 SCORE_BOUND = 0.03  # largest |bf16 - fp32| softmax score allowed (measured 0.0130)

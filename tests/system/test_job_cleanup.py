@@ -22,7 +22,8 @@ from shared.jobs import job_store
 from shared.jobs.database import session_scope
 from shared.jobs.reconcile import reconcile_once
 from shared.storage import Storage
-from worker.jobrunner import CLAIMED, COMMITTED, COMPUTED, STORED, WorkerContext, execute
+from worker.job_context import CLAIMED, COMMITTED, COMPUTED, STORED, WorkerContext
+from worker.jobrunner import execute
 
 IMAGE = scene_png(128, 128, seed=5, n_objects=1)[0]
 STEPS = (CLAIMED, COMPUTED, STORED, COMMITTED)

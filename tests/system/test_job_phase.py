@@ -14,7 +14,8 @@ from conftest import DATABASES, Stack, make_database, scene_png
 
 from shared.jobs.job_status import JobPhase, JobStatus
 from shared.storage import Storage
-from worker.jobrunner import WorkerContext, execute
+from worker.job_context import WorkerContext
+from worker.jobrunner import execute
 
 
 @pytest.mark.parametrize("database", DATABASES)
