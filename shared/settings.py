@@ -76,6 +76,16 @@ class Settings(BaseSettings):
         None, description="Comma-separated models loaded and converted at worker start; default DEFAULT_MODEL."
     )
     worker_reconciler: bool = Field(True, description="Run the reconciler thread in the worker's main process.")
+    worker_threads: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Compute threads of one worker's pool process (TensorFlow intra-op threads, torch threads, "
+            "OMP_NUM_THREADS); unset or 0 = the backend's default, every core. Set it when several workers "
+            "share one machine's CPUs (cores / workers; `make serve WORKERS=N` does), or each of them "
+            "starts a pool of all cores and they oversubscribe."
+        ),
+    )
 
     # --- precision ----------------------------------------------------------------------
     worker_precision: str = Field(

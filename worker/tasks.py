@@ -28,8 +28,50 @@ _reconciler_stop = None
 _webhook_stop = None
 
 
+def configure_threads(threads: int | None = None) -> None:
+    """Cap this pool process's compute threads at WORKER_THREADS (unset or 0: the backend's
+    default, every core), before the backend runs its first op: N workers on one machine
+    each default to all cores and oversubscribe them.
+
+    TensorFlow: T intra-op threads (the pool one kernel splits its work over) and
+    min(2, T) inter-op threads (those that run independent ops at once). A job is a chain
+    of convolutions with little work that could run side by side, and each inter-op thread
+    computes too, so T inter-op threads would let up to 2T threads run; two let a small op
+    overlap a large one, and one keeps a WORKER_THREADS=1 worker on one core. torch takes
+    set_num_threads. JAX reads XLA_FLAGS when it is imported (so this runs first), but only
+    as a hint: jaxlib 0.10's CPU matmuls still used every core with these flags (measured),
+    so pin JAX workers to cores (taskset) instead. OMP_NUM_THREADS covers OpenMP-built
+    libraries loaded after this."""
+    threads = settings.worker_threads if threads is None else threads
+    if not threads:
+        return
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if backend == "jax":
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "intra_op_parallelism_threads=" not in flags:
+            cap = f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}"
+            os.environ["XLA_FLAGS"] = f"{flags} {cap}".strip()
+    elif backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+    else:
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+        except RuntimeError as exc:  # TensorFlow already ran an op in this process
+            log.warning("WORKER_THREADS=%d not applied: %s", threads, exc)
+            return
+    log.info("compute threads of this worker process: %d (%s)", threads, backend)
+
+
 def configure_accelerator() -> None:
-    """Let TensorFlow grow GPU memory as needed instead of grabbing all of it."""
+    """Cap the compute threads (configure_threads), then let TensorFlow grow GPU memory as
+    needed instead of grabbing all of it."""
+    configure_threads()
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
         return
