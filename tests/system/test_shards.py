@@ -209,3 +209,59 @@ def test_shards_parameter_is_checked(app, client):
         if code == 400:
             assert response.json["error"]["code"] == "invalid_parameter"
             assert "shards" in response.json["error"]["message"]
+
+
+def test_a_straggler_gets_a_backup_run_and_the_first_commit_wins(fresh_stack):
+    """Shard 0 is held by a slow run (this test: it claims the shard and beats its heartbeat,
+    never finishing). Once shard 1 is done and shard 0 has run longer than STRAGGLER_FACTOR
+    times shard 1's time, the reconciler queues a backup; the backup commits first and the
+    job is assembled; the slow run's heartbeat and commit are refused from then on."""
+    import threading
+
+    from shared.jobs.job_status import JobStatus
+    from shared.settings import Settings
+    from shared.storage import Storage
+    from worker.inference.model_registry import ModelRegistry
+    from worker.job_context import WorkerContext
+    from worker.jobrunner import execute
+
+    stack = fresh_stack(straggler_factor=1.5, straggler_min_s=1.0)
+    url = stack.settings.resolved_database_url
+    client = stack.client()
+    job_id = stack.submit(client, IMAGE, shards=2, mode="direct", top_k=2).json["id"]
+    planner = WorkerContext(
+        settings=stack.settings,
+        storage=Storage(stack.settings.resolved_storage_url),
+        registry=ModelRegistry(Settings().model_dirs),
+        name="planner",
+    )
+    assert execute(job_id, planner) == JobStatus.running  # planned here; two shard messages queued
+    with session_scope(url) as session:
+        slow = shard_store.claim(session, job_id, 0, "slow")
+    assert slow is not None
+    stop, beats = threading.Event(), []
+
+    def beat_forever():
+        while not stop.wait(0.3):
+            with session_scope(url) as session:
+                beats.append(shard_store.heartbeat(session, job_id, 0, slow, 1, 10))
+
+    thread = threading.Thread(target=beat_forever, daemon=True)
+    thread.start()
+    try:
+        stack.start_worker("w1")
+        done = stack.wait_for(client, job_id, timeout=240)
+    finally:
+        stop.set()
+        thread.join()
+    assert done["status"] == "succeeded", done
+    assert done["shards"]["recomputed"] == 1
+    rows = _shards(stack, job_id)
+    assert rows[0].attempts == 2 and rows[0].token != slow and rows[0].worker == "w1"
+    assert beats and beats[-1] is False  # the slow run learns it lost at its next beat
+    with session_scope(url) as session:
+        assert not shard_store.commit(session, job_id, 0, slow, "shards/none", 1.0)
+    reference = stack.submit(client, IMAGE, shards=1, mode="direct", top_k=2).json["id"]
+    stack.wait_for(client, reference, timeout=120)
+    assert_close_scaled(_scores(stack, client, job_id), _scores(stack, client, reference))
+    assert _partials(stack) == []
