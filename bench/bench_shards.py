@@ -135,18 +135,17 @@ def report(rows: list[dict]) -> None:
 
 def seams(model_dir: str, model: str, sizes: list[int]) -> None:
     """What a seam costs: the analysis rows both neighbours of a band compute (the halo on each
-    side plus the head's span), and the count `auto` picks."""
-    from shared.settings import Settings
+    side plus the head's span), and the count `auto` picks with 2 live workers."""
     from worker.inference.model_registry import ModelRegistry
     from worker.inference.shard_bands import GridGeometry, auto_shard_count
 
     fcn = ModelRegistry([model_dir]).load(model).fcn
     for size in sizes:
         geometry = GridGeometry.direct(fcn, size, size)
-        count = auto_shard_count(geometry, None, Settings().shards_max)
+        count = auto_shard_count(geometry, None, 2)
         seam = geometry.seam_rows()
         extra = seam * (count - 1) / size
-        print(f"{size}^2: auto = {count} shards; each seam recomputes {seam} rows ({extra:.0%} more trunk rows in all)")
+        print(f"{size}^2: auto on 2 workers = {count} shards; each seam recomputes {seam} rows ({extra:.0%} more trunk rows in all)")
 
 
 def main() -> int:

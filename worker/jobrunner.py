@@ -22,6 +22,7 @@ from shared.image_sources.source_types import ImageError
 from shared.jobs import job_metrics, job_store
 from shared.jobs.database import session_scope
 from shared.jobs.job_status import JobStatus
+from shared.jobs.queue import live_workers
 from shared.jobspec import JobParams
 from shared.settings import Settings
 from shared.storage import mask_key
@@ -138,7 +139,7 @@ def _compute_and_store(
         mask_image=mask_path,
         phase=heartbeat.enter,
     ) as job:
-        bands = plan_shards(job, settings.shards_max)
+        bands = plan_shards(job, settings.shards_max, live_workers(settings) if job.params.shards is None else 0)
         if len(bands) > 1:
             return start_shards(job_id, token, bands, job, context, heartbeat, workdir)
         grid, extra = infer(job, heartbeat.progress, heartbeat.enter)

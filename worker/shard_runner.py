@@ -70,14 +70,20 @@ PLANNED, SHARD_CLAIMED, SHARD_COMPUTED, SHARD_STORED, SHARD_COMMITTED = (
 )
 
 
-def plan_shards(job: OpenJob, shards_max: int) -> list[Band]:
-    """The job's bands when it is to be sharded (its `shards` parameter, or `auto`), else []."""
+def plan_shards(job: OpenJob, shards_max: int, workers: int) -> list[Band]:
+    """The job's bands when it is to be sharded, else []: its `shards` parameter, or for
+    `auto` as many as there are live `workers` (at most `shards_max`) when the job is large
+    enough to pay for it (``shard_bands.auto_shard_count``). More shards than workers would only
+    add seams: a shard's band is recomputed at its edges, and the extra shards wait anyway."""
     requested = job.params.shards
-    if requested == 1:
+    if requested == 1 or (requested is None and workers < 2):
         return []
     geometry = job.geometry()
     computed = job.computed(geometry)
-    count = auto_shard_count(geometry, computed, shards_max) if requested is None else min(requested, shards_max)
+    if requested is None:
+        count = auto_shard_count(geometry, computed, min(shards_max, workers))
+    else:
+        count = min(requested, shards_max)
     if count <= 1:
         return []
     return plan_bands(geometry, count, computed)

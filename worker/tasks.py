@@ -148,8 +148,42 @@ def _start_webhook_sender(**_kwargs) -> None:
         _webhook_stop = start_thread(settings)
 
 
+_announcer_stop = None
+
+
+@worker_ready.connect
+def _start_announcer(**_kwargs) -> None:
+    """Say every few seconds that this worker consumes the queue (shared.jobs.queue), so that
+    `shards=auto` splits a large job into as many shards as there are workers."""
+    global _announcer_stop
+    import threading
+
+    from shared.jobs.queue import WORKER_ANNOUNCE_INTERVAL_S, announce_worker
+
+    stop = threading.Event()
+    name = _hostname()
+
+    def _loop() -> None:
+        while True:
+            try:
+                announce_worker(settings, name)
+            except Exception as exc:  # Redis away: the record expires, auto plans fewer shards
+                log.warning("could not announce worker %s: %s", name, exc)
+            if stop.wait(WORKER_ANNOUNCE_INTERVAL_S):
+                break
+        try:
+            announce_worker(settings, name, alive=False)
+        except Exception:
+            pass
+
+    threading.Thread(target=_loop, name="announcer", daemon=True).start()
+    _announcer_stop = stop
+
+
 @worker_shutting_down.connect
 def _stop_reconciler(**_kwargs) -> None:
+    if _announcer_stop is not None:
+        _announcer_stop.set()
     if _reconciler_stop is not None:
         _reconciler_stop.set()
     if _webhook_stop is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 
+import redis
 from celery import Celery
 
 from shared.settings import Settings
@@ -74,3 +75,41 @@ def send_shard(settings: Settings, job_id: str, index: int, backup: bool = False
     app.send_task(
         RUN_SHARD_TASK, args=[job_id, int(index), bool(backup)], task_id=task_id, queue=settings.queue_name, retry=False
     )
+
+
+#: How often a worker says it is alive (`announce_worker`), and how long the word lasts.
+WORKER_ANNOUNCE_INTERVAL_S = 5.0
+WORKER_ANNOUNCE_TTL_S = 15.0
+
+
+def _workers_key(settings: Settings, name: str = "") -> str:
+    return f"heatmaps:workers:{settings.queue_name}:{name}"
+
+
+def announce_worker(settings: Settings, name: str, alive: bool = True) -> None:
+    """Record (or, with `alive` False, withdraw) that worker `name` consumes this queue: what
+    `shards=auto` sizes a job by. The record expires on its own when the worker dies."""
+    if not settings.redis_url:
+        return
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        if alive:
+            client.set(_workers_key(settings, name), "1", ex=int(WORKER_ANNOUNCE_TTL_S))
+        else:
+            client.delete(_workers_key(settings, name))
+    finally:
+        client.close()
+
+
+def live_workers(settings: Settings) -> int:
+    """Workers that announced themselves on this queue within WORKER_ANNOUNCE_TTL_S (0 when
+    Redis cannot say)."""
+    if not settings.redis_url:
+        return 0
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return sum(1 for _ in client.scan_iter(match=_workers_key(settings, "*"), count=1000))
+    except redis.RedisError:
+        return 0
+    finally:
+        client.close()

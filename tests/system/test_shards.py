@@ -265,3 +265,21 @@ def test_a_straggler_gets_a_backup_run_and_the_first_commit_wins(fresh_stack):
     stack.wait_for(client, reference, timeout=120)
     assert_close_scaled(_scores(stack, client, job_id), _scores(stack, client, reference))
     assert _partials(stack) == []
+
+
+def test_auto_splits_a_large_job_over_the_live_workers(fresh_stack):
+    """`shards=auto` (the default) on a job large enough: as many shards as workers consume
+    the queue (each announces itself in Redis); a small job stays whole."""
+    from shared.jobs.queue import live_workers
+
+    stack = fresh_stack()
+    stack.start_worker("w1")
+    stack.start_worker("w2")
+    _wait_until(lambda: live_workers(stack.settings) == 2, 30, "two workers announced")
+    client = stack.client()
+    large = scene_png(2048, 2048, seed=17, n_objects=4)[0]
+    big = stack.wait_for(client, stack.submit(client, large, mode="direct").json["id"], timeout=240)
+    small = stack.wait_for(client, stack.submit(client, IMAGE, mode="direct").json["id"], timeout=120)
+    assert big["status"] == small["status"] == "succeeded", (big, small)
+    assert big["shards"]["count"] == 2 and big["params"]["shards"] is None
+    assert small["shards"] is None
