@@ -286,3 +286,22 @@ def test_models_command_names_each_problem_file_once(main, capsys, monkeypatch, 
     assert main(["models"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ignored"))
     assert line.count("orphan.keras") == 1 and "sidecar" in line
+
+
+@pytest.mark.parametrize("mode", ["direct", "tiled"])
+def test_infer_in_shards_gives_the_same_grid(files, tmp_path, mode):
+    """`heatmap infer --shards 3` computes three bands one after the other and assembles
+    them (what the service's workers do in parallel): the same scores as one pass."""
+    outs = {}
+    for shards in ("1", "3"):
+        out = tmp_path / f"out{shards}"
+        args = ["infer", str(files / "photo.png"), "--model", str(files / "beach.keras"), "--mode", mode]
+        args += (["--stride", "4"] if mode == "tiled" else []) + ["--classes", "sky,sea", "--shards", shards]
+        result = cli([*args, "--out", str(out)], tmp_path)
+        assert result.returncode == 0, result.stderr
+        outs[shards] = out
+    summary = json.loads((outs["3"] / "summary.json").read_text())
+    assert summary["shards"]["count"] == 3 and "shards" not in json.loads((outs["1"] / "summary.json").read_text())
+    with np.load(outs["1"] / "heatmap.npz") as one, np.load(outs["3"] / "heatmap.npz") as three:
+        np.testing.assert_allclose(three["scores"], one["scores"], rtol=1e-5, atol=1e-6)
+        assert np.ptp(one["scores"]) > 0
