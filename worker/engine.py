@@ -132,8 +132,14 @@ class OpenJob:
         raster, params, loaded = self.raster, self.params, self.loaded
         if params.mode == "direct":
             return GridGeometry.direct(loaded.fcn_at(params.stride), raster.height, raster.width)
-        stride = params.stride or max(1, loaded.window[0] // 2)
-        return GridGeometry.tiled(loaded.window, (stride, stride), raster.height, raster.width)
+        return GridGeometry.tiled(loaded.window, self.tiled_stride(), raster.height, raster.width)
+
+    def tiled_stride(self) -> tuple[int, int]:
+        """Tiled mode's stride: the job's, or half the window (as `tiled_inference` defaults)."""
+        if self.params.stride:
+            return (self.params.stride, self.params.stride)
+        window = self.loaded.window
+        return (max(1, window[0] // 2), max(1, window[1] // 2))
 
     def computed(self, geometry: GridGeometry) -> np.ndarray | None:
         """The windows the mask keeps (None: every window)."""
@@ -150,8 +156,7 @@ class OpenJob:
                 geometry.fcn, self.raster.height, self.raster.width, params.memory_budget_mb, self.keep is not None
             )
             return {"scheme": scheme, "memory_budget_mb": params.memory_budget_mb}
-        stride = params.stride or max(1, self.loaded.window[0] // 2)
-        return {"classifier": self.loaded.classifier, "stride": (stride, stride), "batch_size": params.batch_size}
+        return {"classifier": self.loaded.classifier, "stride": self.tiled_stride(), "batch_size": params.batch_size}
 
 
 @contextmanager

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -33,7 +34,8 @@ from shared.jobs.database import session_scope
 from shared.jobs.job_status import JobPhase, JobStatus
 from shared.jobspec import JobParams
 from shared.settings import Settings
-from shared.storage import Storage, StorageError, artifact_keys, results_prefix, upload_prefix
+from shared.storage import Storage, StorageError, artifact_keys, mask_key, results_prefix, upload_prefix
+from worker.engine import OpenJob, open_job
 from worker.inference.model_registry import ModelRegistry, ModelUnavailableError
 
 log = logging.getLogger("heatmaps.worker")
@@ -79,24 +81,58 @@ def with_retries(settings: Settings, action: Callable[[], T], what: str) -> T:
     raise AssertionError("unreachable")
 
 
-class Heartbeat:
-    """Background thread: writes progress and the heartbeat; notices a cancel or takeover."""
+class BeatThread:
+    """A background thread that calls `beat` every HEARTBEAT_INTERVAL_S while its block runs;
+    `beat` sets `lost` when the row says this run no longer holds its work (canceled,
+    re-queued, taken by another run), and the next check raises JobCanceled."""
 
-    def __init__(self, context: WorkerContext, job_id: str, token: str):
-        self.context, self.job_id, self.token = context, job_id, token
+    what = "work"
+
+    def __init__(self, context: WorkerContext, job_id: str, name: str):
+        self.context, self.job_id = context, job_id
         self.done, self.total = 0, 0
-        self.phase, self.fraction = JobPhase.reading, 0.0  # as the claim recorded it
         self.lost = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    def __enter__(self) -> Heartbeat:
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+    def beat(self) -> None:
+        raise NotImplementedError
+
+    def _check_held(self) -> None:
+        if self.lost.is_set():
+            raise JobCanceled(self.job_id)
+
+    def confirm_held(self) -> None:
+        """Ask the row now (not at the next beat) whether this run still holds its work;
+        raises JobCanceled when not. Called right before storing results."""
+        with_retries(self.context.settings, self.beat, f"check the {self.what} before storing")
+        self._check_held()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.context.settings.heartbeat_interval_s):
+            try:
+                self.beat()
+            except Exception as exc:  # database hiccup: the next beat tries again
+                log.warning("heartbeat of the %s of %s failed: %s", self.what, self.job_id, exc)
+
+
+class Heartbeat(BeatThread):
+    """A job's heartbeat: writes its progress and phase; notices a cancel or takeover."""
+
+    what = "job"
+
+    def __init__(self, context: WorkerContext, job_id: str, token: str):
+        super().__init__(context, job_id, f"heartbeat-{job_id}")
+        self.token = token
+        self.phase, self.fraction = JobPhase.reading, 0.0  # as the claim recorded it
 
     def progress(self, done: int, total: int) -> None:
         """Engine callback between tiles: record progress, stop if the job was taken away."""
@@ -118,10 +154,6 @@ class Heartbeat:
             self.context.checkpoint(phase, self.job_id)
         self._check_held()
 
-    def _check_held(self) -> None:
-        if self.lost.is_set():
-            raise JobCanceled(self.job_id)
-
     def beat(self) -> None:
         url = self.context.settings.resolved_database_url
         with session_scope(url) as session:
@@ -130,19 +162,6 @@ class Heartbeat:
             )
             if not held:
                 self.lost.set()
-
-    def confirm_held(self) -> None:
-        """Ask the row now (not at the next beat) whether this worker still holds the job;
-        raises JobCanceled when not. Called right before storing results."""
-        with_retries(self.context.settings, self.beat, "check the job before storing")
-        self._check_held()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.context.settings.heartbeat_interval_s):
-            try:
-                self.beat()
-            except Exception as exc:  # database hiccup: the next beat tries again
-                log.warning("heartbeat for %s failed: %s", self.job_id, exc)
 
 
 OUT_OF_MEMORY = "the image needs more memory than this worker has; lower memory_budget_mb or use a larger worker"
@@ -218,6 +237,24 @@ def image_location(context: WorkerContext, params: JobParams, image_key: str, wo
     if params.image_url:
         return open_location(params.image_url, context.settings.input_url_prefixes)
     return input_path(context, image_key, workdir / "image")
+
+
+def open_input(
+    context: WorkerContext, job_id: str, params: JobParams, image_key: str, workdir: Path, phase=None
+) -> AbstractContextManager[OpenJob]:
+    """The job's input opened for the engine (``worker.engine.open_job``): the image (upload or
+    ``image_url``) and the mask picture, with this worker's limits; `phase` is told as it reads."""
+    settings = context.settings
+    mask_path = input_path(context, mask_key(job_id), workdir / "mask") if params.mask == "image" else None
+    return open_job(
+        image_location(context, params, image_key, workdir),
+        params,
+        context.registry,
+        max_pixels=settings.max_image_pixels,
+        max_region_pixels=settings.max_region_pixels,
+        mask_image=mask_path,
+        **({} if phase is None else {"phase": phase}),
+    )
 
 
 def store_and_commit(

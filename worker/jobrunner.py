@@ -25,8 +25,7 @@ from shared.jobs.job_status import JobStatus
 from shared.jobs.queue import live_workers
 from shared.jobspec import JobParams
 from shared.settings import Settings
-from shared.storage import mask_key
-from worker.engine import infer, open_job, write_results
+from worker.engine import infer, write_results
 from worker.job_context import (
     CLAIMED,
     RERAISE,
@@ -35,8 +34,7 @@ from worker.job_context import (
     WorkerContext,
     describe_failure,
     discard_unreadable_upload,
-    image_location,
-    input_path,
+    open_input,
     record_failure,
     store_and_commit,
     with_retries,
@@ -127,18 +125,8 @@ def _compute_and_store(
     any other is computed, written, stored and committed here."""
     settings = context.settings
     params = JobParams.from_json(raw_params)
-    image_path = image_location(context, params, image_key, workdir)
-    mask_path = input_path(context, mask_key(job_id), workdir / "mask") if params.mask == "image" else None
     out_dir = workdir / "out"
-    with open_job(
-        image_path,
-        params,
-        context.registry,
-        max_pixels=settings.max_image_pixels,
-        max_region_pixels=settings.max_region_pixels,
-        mask_image=mask_path,
-        phase=heartbeat.enter,
-    ) as job:
+    with open_input(context, job_id, params, image_key, workdir, heartbeat.enter) as job:
         bands = plan_shards(job, settings.shards_max, live_workers(settings) if job.params.shards is None else 0)
         if len(bands) > 1:
             return start_shards(job_id, token, bands, job, context, heartbeat, workdir)

@@ -26,7 +26,6 @@ import contextlib
 import io
 import logging
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -39,18 +38,18 @@ from shared.jobs.database import session_scope
 from shared.jobs.job_status import JobPhase, JobStatus, ShardState
 from shared.jobs.queue import send_shard
 from shared.jobspec import JobParams
-from shared.storage import mask_key, shard_key, shard_prefix
-from worker.engine import OpenJob, compute_shard, open_job, write_results
+from shared.storage import shard_key, shard_prefix
+from worker.engine import OpenJob, compute_shard, write_results
 from worker.inference.shard_bands import Band, assemble, auto_shard_count, part_arrays, part_from_arrays, plan_bands
 from worker.job_context import (
     RERAISE,
+    BeatThread,
     Heartbeat,
     JobCanceled,
     WorkerContext,
     describe_failure,
     discard_unreadable_upload,
-    image_location,
-    input_path,
+    open_input,
     record_failure,
     store_and_commit,
     with_retries,
@@ -136,46 +135,24 @@ def _elect(context: WorkerContext, job_id: str, token: str) -> str | None:
     return with_retries(context.settings, _try, "elect the assembler")
 
 
-class ShardHeartbeat:
-    """Background thread: the shard's heartbeat and progress (and the job's, summed over its
-    shards); notices when the shard was taken away or the job stopped."""
+class ShardHeartbeat(BeatThread):
+    """A shard run's heartbeat and progress (and the job's, summed over its shards); notices
+    when the shard was taken away (re-queued, a backup committed first) or the job stopped."""
+
+    what = "shard"
 
     def __init__(self, context: WorkerContext, job_id: str, index: int, token: str):
-        self.context, self.job_id, self.index, self.token = context, job_id, index, token
-        self.done, self.total = 0, 0
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{job_id}-{index}", daemon=True)
-
-    def __enter__(self) -> ShardHeartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        super().__init__(context, job_id, f"heartbeat-{job_id}-{index}")
+        self.index, self.token = index, token
 
     def progress(self, done: int, total: int) -> None:
         self.done, self.total = done, total
-        if self.lost.is_set():
-            raise JobCanceled(self.job_id)
+        self._check_held()
 
     def beat(self) -> None:
         with session_scope(self.context.settings.resolved_database_url) as session:
             if not shard_store.heartbeat(session, self.job_id, self.index, self.token, self.done, self.total):
                 self.lost.set()
-
-    def confirm_held(self) -> None:
-        with_retries(self.context.settings, self.beat, "check the shard before storing")
-        if self.lost.is_set():
-            raise JobCanceled(self.job_id)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.context.settings.heartbeat_interval_s):
-            try:
-                self.beat()
-            except Exception as exc:  # database hiccup: the next beat tries again
-                log.warning("heartbeat of shard %d of %s failed: %s", self.index, self.job_id, exc)
 
 
 def execute_shard(job_id: str, index: int, context: WorkerContext, backup: bool = False) -> ShardState | None:
@@ -250,17 +227,8 @@ def _run_guarded(job_id, index, token, context, heartbeat, workdir, backup) -> t
 
 def _compute_and_commit(job_id, shard, token, key, params, image_key, context, heartbeat, workdir, backup):
     settings, storage = context.settings, context.storage
-    image_path = image_location(context, params, image_key, workdir)
-    mask_path = input_path(context, mask_key(job_id), workdir / "mask") if params.mask == "image" else None
     clock = time.perf_counter()
-    with open_job(
-        image_path,
-        params,
-        context.registry,
-        max_pixels=settings.max_image_pixels,
-        max_region_pixels=settings.max_region_pixels,
-        mask_image=mask_path,
-    ) as job:
+    with open_input(context, job_id, params, image_key, workdir) as job:
         geometry = job.geometry()
         band = Band(
             shard.shard_index,
@@ -364,16 +332,7 @@ def _opened(job, context: WorkerContext, job_id: str, params: JobParams, image_k
     """The job's input: `job` as given, or opened again (a shard's worker assembling)."""
     if job is not None:
         return contextlib.nullcontext(job)
-    settings = context.settings
-    mask_path = input_path(context, mask_key(job_id), Path(workdir) / "mask") if params.mask == "image" else None
-    return open_job(
-        image_location(context, params, image_key, Path(workdir)),
-        params,
-        context.registry,
-        max_pixels=settings.max_image_pixels,
-        max_region_pixels=settings.max_region_pixels,
-        mask_image=mask_path,
-    )
+    return open_input(context, job_id, params, image_key, Path(workdir))
 
 
 def _load_part(context: WorkerContext, key: str, workdir) -> dict:

@@ -158,6 +158,7 @@ def direct_inference(
     keep: KeepFn | None = None,
     scheme: str = "auto",
     band_rows: int | None = None,
+    head_rows: tuple[int, int] | None = None,
 ) -> ScoreGrid:
     """Scores of every native window at the network's output stride.
 
@@ -170,13 +171,14 @@ def direct_inference(
         tile_cells: trunk cells per tile side, overriding the budget (whole image: one pass);
             implies the ``tiles`` scheme under ``auto``.
         class_indices: keep only these model outputs (all when None).
-        progress: ``progress(done, total)`` after each trunk tile or row band computed; may
-            raise to stop.
+        progress: ``progress(done, total)`` after each trunk tile or row band; may raise to stop.
         keep: ``keep(rows, cols, window) -> bool grid`` (a mask): other windows are NaN, and
             trunk tiles no kept window needs are never read (``tiles`` scheme).
         scheme: ``auto``, ``rows`` (line-buffer streaming; ValueError where the trunk or a
             mask rules it out) or ``tiles`` (module docstring).
         band_rows: input rows per band in the ``rows`` scheme, overriding the budget.
+        head_rows: the head only for output rows ``[start, stop)`` (others NaN), scheme unchanged:
+            a shard's strip keeps its band's rows alone (``worker.inference.shard_bands``).
     Returns a ScoreGrid with ``rows[i] = i * stride_y`` and ``cols[j] = j * stride_x``;
     ``scheme`` says which scheme ran.
     """
@@ -184,26 +186,35 @@ def direct_inference(
     rows, cols = _window_origins(fcn, raster, scheme)
     computed = None if keep is None else np.asarray(keep(rows, cols, fcn.window), dtype=bool)
     selection = None if class_indices is None else np.asarray(class_indices, dtype=np.int64)
-    head_channels = int(fcn.head.output.shape[-1])
-    stream = _HeadStream.for_grid(fcn, (len(rows), len(cols)), memory_budget_mb, selection, computed)
+    head_cells = _head_cells(computed, head_rows, (len(rows), len(cols)))
+    stream = _HeadStream.for_grid(fcn, (len(rows), len(cols)), memory_budget_mb, selection, head_cells)
     stages = _streaming_stages(fcn, raster.height, raster.width, memory_budget_mb, scheme, tile_cells, computed)
     if stages is not None:
         work = _stream_trunk(fcn, raster, preprocess, stages, band_rows, memory_budget_mb, stream, progress)
     else:
         work = _tile_trunk(fcn, raster, preprocess, tile_cells, memory_budget_mb, computed, stream, progress)
-    if computed is not None:
-        stream.scores[~computed] = np.nan  # cells computed only as neighbours of kept ones
+    if computed is not None:  # cells computed only as neighbours of kept ones
+        stream.scores[~computed] = np.nan
     return ScoreGrid(
         stream.scores,
         rows=rows,
         cols=cols,
         window=fcn.window,
         stride=fcn.stride,
-        class_indices=np.arange(head_channels, dtype=np.int64) if selection is None else selection,
+        class_indices=np.arange(stream.scores.shape[2], dtype=np.int64) if selection is None else selection,
         computed=computed,
         scheme="tiles" if stages is None else "rows",
         **dict(zip(("tiles_read", "tiles_skipped", "halo_overhead", "tile_raised_for_halo"), work, strict=True)),
     )
+
+
+def _head_cells(computed: np.ndarray | None, head_rows: tuple[int, int] | None, shape) -> np.ndarray | None:
+    """Output cells the head computes: the kept ones (all without a mask) within `head_rows`."""
+    if head_rows is None:
+        return computed
+    wanted = np.zeros(shape, dtype=bool)
+    wanted[head_rows[0] : head_rows[1]] = True
+    return wanted if computed is None else computed & wanted
 
 
 def _window_origins(fcn: FullyConvolutional, raster: Raster, scheme: str) -> tuple[np.ndarray, np.ndarray]:

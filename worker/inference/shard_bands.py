@@ -209,6 +209,7 @@ def compute_band(
     if geometry.fcn is not None:
         strip = _BandRaster(raster, band.pixel_start, band.pixel_stop)
         offset_rows = band.pixel_start // geometry.fcn.stride[0]
+        local = slice(band.row_start - offset_rows, band.row_stop - offset_rows)
         grid = direct_inference(
             geometry.fcn,
             strip,
@@ -218,8 +219,8 @@ def compute_band(
             progress=progress,
             keep=None if keep is None else _band_keeper(band, geometry.rows, keep, band.pixel_start),
             scheme=mode_options["scheme"],
+            head_rows=(local.start, local.stop),  # the rows near the strip's edges are not the band's
         )
-        local = slice(band.row_start - offset_rows, band.row_stop - offset_rows)
         if grid.scores.shape[1] != len(geometry.cols) or local.stop > grid.scores.shape[0]:
             raise AssertionError("a strip's grid does not line up with the job's grid")
     else:
