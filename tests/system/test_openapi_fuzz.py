@@ -29,7 +29,7 @@ def _schema(app, modes):
 
 @pytest.fixture(scope="module")
 def api_schema(fuzz_app):
-    return _schema(fuzz_app, [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]).exclude(operation_id="submitJob")
+    return _schema(fuzz_app, [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +38,14 @@ def submit_schema(fuzz_app):
     # cannot validate bodies holding an optional binary part (its filter raises "Unsupported
     # type: 'Binary'" once `image` became optional beside `image_url`). Malformed submissions
     # are covered case by case in tests/test_api.py and tests/test_hostile_input.py.
-    return _schema(fuzz_app, [GenerationMode.POSITIVE]).include(operation_id="submitJob")
+    return _schema(fuzz_app, [GenerationMode.POSITIVE])
 
 
-schema = schemathesis.pytest.from_fixture("api_schema")
-submit = schemathesis.pytest.from_fixture("submit_schema")
+# The filters go on the lazy schemas: schemathesis 4.32's pytest plugin ignores filters set on
+# the schema a fixture returns (every operation ran under both tests, and on a fresh install the
+# negative generator failed on the submission's optional binary part, below).
+schema = schemathesis.pytest.from_fixture("api_schema").exclude(operation_id="submitJob")
+submit = schemathesis.pytest.from_fixture("submit_schema").include(operation_id="submitJob")
 
 
 def _check(case):
