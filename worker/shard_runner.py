@@ -230,14 +230,7 @@ def _compute_and_commit(job_id, shard, token, key, params, image_key, context, h
     clock = time.perf_counter()
     with open_input(context, job_id, params, image_key, workdir) as job:
         geometry = job.geometry()
-        band = Band(
-            shard.shard_index,
-            shard.row_start,
-            shard.row_stop,
-            *geometry.strip(shard.row_start, shard.row_stop),
-            shard.work,
-        )
-        part = compute_shard(job, geometry, band, heartbeat.progress)
+        part = compute_shard(job, geometry, _band(geometry, shard), heartbeat.progress)
     seconds = time.perf_counter() - clock
     context.checkpoint(SHARD_COMPUTED, job_id)
     heartbeat.confirm_held()
@@ -263,6 +256,13 @@ def _compute_and_commit(job_id, shard, token, key, params, image_key, context, h
     context.checkpoint(SHARD_COMMITTED, job_id)
     log.info("shard %d of job %s done in %.1fs", shard.shard_index, job_id, seconds)
     return ShardState.done.value, _elect(context, job_id, token)
+
+
+def _band(geometry, shard) -> Band:
+    """A shard row's band, its strip computed again from the job's geometry (the row keeps rows only)."""
+    return Band(
+        shard.shard_index, shard.row_start, shard.row_stop, *geometry.strip(shard.row_start, shard.row_stop), shard.work
+    )
 
 
 def _discard(context: WorkerContext, key: str) -> None:
@@ -312,10 +312,7 @@ def _assemble(job_id: str, job_token: str, context: WorkerContext, heartbeat: He
     out_dir = Path(workdir) / "out"
     with _opened(job, context, job_id, params, record.image_key, workdir) as opened:
         geometry = opened.geometry()
-        bands = [
-            Band(s.shard_index, s.row_start, s.row_stop, *geometry.strip(s.row_start, s.row_stop), s.work)
-            for s in shards
-        ]
+        bands = [_band(geometry, s) for s in shards]
         grid = assemble(geometry, parts, bands, masked=opened.keep is not None)
         starts = [s.started_at for s in shards if s.started_at]
         ends = [s.finished_at for s in shards if s.finished_at]

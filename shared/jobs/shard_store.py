@@ -257,10 +257,6 @@ def elect_assembler(session: Session, job_id: str, token: str) -> str | None:
     return session.scalar(select(Job.claim_token).where(Job.id == job_id))
 
 
-def delete_for_job(session: Session, job_id: str) -> None:
-    session.execute(delete(JobShard).where(JobShard.job_id == job_id))
-
-
 # --- reconciliation ----------------------------------------------------------------------
 def rescue_stale(session: Session, stale_after_s: float, max_attempts: int) -> tuple[list[tuple[str, int]], list[str]]:
     """Running shards of running jobs whose run stopped heart-beating: re-queued, or - once

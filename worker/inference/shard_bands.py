@@ -54,16 +54,6 @@ class Band:
     pixel_stop: int
     work: int  # computed windows in the band (the balance weight)
 
-    def to_json(self) -> dict:
-        return {
-            "index": self.index,
-            "row_start": self.row_start,
-            "row_stop": self.row_stop,
-            "pixel_start": self.pixel_start,
-            "pixel_stop": self.pixel_stop,
-            "work": self.work,
-        }
-
 
 @dataclass(frozen=True)
 class GridGeometry:
